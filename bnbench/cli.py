@@ -1,0 +1,208 @@
+"""The ``bnbench`` command line.
+
+Exit codes: 0 when nothing unexpected failed, 1 when something did, 2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+import time
+
+import click
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bnbench import gate
+from bnbench.cases import all_cases
+from bnbench.registry import UsageError, entry_point_implementations, resolve
+
+STYLE = {gate.V_PASS: "green", gate.V_FAIL: "bold red", gate.V_DEVIATION: "yellow",
+         gate.V_UNEXPECTED_PASS: "bold magenta", gate.V_UNSUPPORTED: "dim"}
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 160)
+
+
+def _cell(results: list[gate.Result]) -> tuple[str, str]:
+    """One matrix cell: the worst verdict among the case's ranks, with counts where mixed."""
+    counts = {v: sum(r.verdict == v for r in results) for v in STYLE}
+    run = len(results) - counts[gate.V_UNSUPPORTED]
+    for verdict, label in ((gate.V_FAIL, "FAIL"), (gate.V_UNEXPECTED_PASS, "XPASS"),
+                           (gate.V_DEVIATION, "dev")):
+        if counts[verdict]:
+            text = label if counts[verdict] == run else f"{label} {counts[verdict]}/{run}"
+            return text, STYLE[verdict]
+    if run == 0:
+        return "n/s", STYLE[gate.V_UNSUPPORTED]
+    return ("pass" if run == len(results) else f"pass {run}/{len(results)}"), STYLE[gate.V_PASS]
+
+
+def print_matrix(console: Console, results: list[gate.Result], verbose: bool) -> None:
+    columns = list(dict.fromkeys(f"{r.implementation}@{r.device}" for r in results))
+    # A column whose implementation supports nothing on that device says so once, below.
+    silent = [c for c in columns if all(r.verdict == gate.V_UNSUPPORTED for r in results
+                                        if f"{r.implementation}@{r.device}" == c)]
+    columns = [c for c in columns if c not in silent]
+    rows = list(dict.fromkeys(r.case if verbose else r.check for r in results))
+    cells: dict[tuple[str, str], list[gate.Result]] = {}
+    for r in results:
+        cells.setdefault((r.case if verbose else r.check, f"{r.implementation}@{r.device}"),
+                         []).append(r)
+    table = Table(title="bnbench verify: implementation x check", show_lines=False)
+    table.add_column("case" if verbose else "check", no_wrap=True)
+    for column in columns:
+        table.add_column(column, no_wrap=True)
+    for row in rows:
+        rendered = []
+        for column in columns:
+            text, style = _cell(cells.get((row, column), []))
+            rendered.append(f"[{style}]{text}[/]")
+        table.add_row(row, *rendered)
+    console.print(table)
+    for column in silent:
+        reason = next(r.message for r in results if f"{r.implementation}@{r.device}" == column)
+        console.print(f"[dim]{column}: not run ({reason})[/]")
+
+
+def print_details(console: Console, results: list[gate.Result], verbose: bool) -> None:
+    bad = [r for r in results if not r.ok]
+    for r in bad:
+        console.print(f"\n[bold red]{r.verdict.upper()}[/] {r.implementation}@{r.device} "
+                      f"{r.case} ({r.description})")
+        for line in r.message.splitlines():
+            console.print(f"    {line}", markup=False)
+    deviations: dict[tuple[str, str], list[str]] = {}
+    for r in results:
+        if r.verdict == gate.V_DEVIATION:
+            reason = r.message.splitlines()[0]
+            deviations.setdefault((r.implementation, reason), []).append(r.case)
+    if deviations:
+        console.print("\n[yellow]Declared deviations (expected to fail):[/]")
+        for (name, reason), case_ids in deviations.items():
+            console.print(f"  {name}: {reason}", markup=False)
+            console.print(f"    [dim]{', '.join(dict.fromkeys(case_ids))}[/]")
+            if verbose:
+                for r in results:
+                    if r.implementation == name and r.case in case_ids:
+                        for line in r.message.splitlines()[1:]:
+                            console.print(f"      {r.case}: {line}", markup=False)
+
+
+def print_summary(console: Console, results: list[gate.Result], seconds: float) -> None:
+    groups: dict[str, dict[str, int]] = {}
+    for r in results:
+        g = groups.setdefault(f"{r.implementation}@{r.device}", {})
+        g[r.verdict] = g.get(r.verdict, 0) + 1
+    console.print()
+    for name, counts in groups.items():
+        parts = ", ".join(f"{counts[v]} {v}" for v in STYLE if counts.get(v))
+        console.print(f"{name}: {parts}")
+    n_bad = sum(not r.ok for r in results)
+    status = "[bold red]FAILED[/]" if n_bad else "[bold green]OK[/]"
+    console.print(f"{status}: {n_bad} unexpected result(s) in {len(results)} "
+                  f"(implementation, device, case) combinations, {seconds:.1f} s")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bnbench")
+def main():
+    """Verify and benchmark BatchNorm implementations against torch.nn.BatchNorm."""
+
+
+def _devices(requested: tuple[str, ...]) -> list[str]:
+    if not requested:
+        return gate.available_devices()
+    for device in requested:
+        if device == "cuda" and not torch.cuda.is_available():
+            raise click.UsageError("--device cuda: CUDA is not available on this machine")
+    return list(dict.fromkeys(requested))
+
+
+def _implementations(specs: tuple[str, ...]):
+    try:
+        impls = resolve(list(specs))
+    except UsageError as exc:
+        raise click.UsageError(str(exc)) from exc
+    names = list(specs) if specs else [impl.name for impl in impls]
+    return impls, names
+
+
+@main.command()
+@click.option("--impl", "impl_specs", multiple=True, metavar="NAME|MODULE:ATTR",
+              help="Implementation to verify: a registered name, or MODULE:ATTR naming a "
+                   "bnbench.Implementation or an nn.Module class with nn.BatchNorm2d's "
+                   "constructor. Repeatable. Default: every registered implementation.")
+@click.option("--device", "devices", multiple=True, type=click.Choice(["cpu", "cuda"]),
+              help="Device to verify on. Repeatable. Default: every available device.")
+@click.option("--case", "case_patterns", multiple=True, metavar="GLOB",
+              help="Only cases whose id or check matches GLOB (e.g. 'momentum*'). Repeatable.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Write every result, with the environment, as JSON.")
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False),
+              help="Write JUnit XML (one testsuite per implementation and device).")
+@click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds a single case may take before it counts as hung.")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Worker processes in parallel. Default: one per core.")
+@click.option("-v", "--verbose", is_flag=True, help="One row per case instead of per check.")
+def verify(impl_specs, devices, case_patterns, json_path, junit_path, timeout, jobs, verbose):
+    """Check implementations against nn.BatchNorm semantics; exit 1 on an unexpected result."""
+    impls, specs = _implementations(impl_specs)
+    devices = _devices(devices)
+    cases = all_cases()
+    if case_patterns:
+        cases = [c for c in cases if any(fnmatch.fnmatchcase(c.id, p) or
+                                         fnmatch.fnmatchcase(c.check, p) for p in case_patterns)]
+        if not cases:
+            raise click.UsageError(f"--case {' '.join(case_patterns)}: no case matches")
+    console = _console()
+    start = time.perf_counter()
+    with Progress(TextColumn("verify"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=console, transient=True,
+                  disable=not console.is_terminal) as bar:
+        task = bar.add_task("", total=len(impls) * len(devices) * len(cases))
+
+        def progress(result: gate.Result) -> None:
+            bar.update(task, advance=1, description=f"{result.implementation} {result.case}")
+
+        results = gate.run_gate(impls, specs, devices, cases, timeout=timeout, jobs=jobs,
+                                progress=progress)
+    seconds = time.perf_counter() - start
+    print_matrix(console, results, verbose)
+    print_details(console, results, verbose)
+    print_summary(console, results, seconds)
+    env = gate.environment()
+    if json_path:
+        gate.write_atomic(json_path, gate.to_json(results, env))
+    if junit_path:
+        gate.write_atomic(junit_path, gate.to_junit(results))
+    sys.exit(0 if all(r.ok for r in results) else 1)
+
+
+@main.command("list")
+def list_command():
+    """List registered implementations, what they support, and the cases."""
+    console = _console()
+    table = Table(title="registered implementations")
+    for col in ("name", "devices", "ranks", "dtypes", "declared deviations", "description"):
+        table.add_column(col)
+    for name, impl in entry_point_implementations().items():
+        dtypes = ", ".join(sorted(str(d).replace("torch.", "") for d in impl.dtypes))
+        table.add_row(name, ", ".join(sorted(impl.devices)),
+                      ", ".join(map(str, sorted(impl.ranks))), dtypes,
+                      str(len(impl.deviations)), impl.description)
+    console.print(table)
+    cases = all_cases()
+    console.print(f"\n{len(cases)} cases in {len({c.check for c in cases})} checks:")
+    for check in dict.fromkeys(c.check for c in cases):
+        sample = next(c for c in cases if c.check == check)
+        ranks = ",".join(str(c.rank) for c in cases if c.check == check)
+        console.print(f"  {check:<38} ranks {ranks:<8} {sample.description}", markup=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,86 @@
+"""Tolerances (one table) and tensor comparisons that explain themselves.
+
+A comparison failure names the tensor, the largest absolute and relative difference and where
+each is, with the values on both sides, so a report reads like a diagnosis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+
+
+# Against the float64 oracle, computed from the very values the implementation received.
+# |actual - expected| <= atol * scale + rtol * |expected|, where scale is the largest |expected|
+# of the tensor (at least 1): gradients through the batch statistics cancel, so an element near
+# zero carries the rounding error of the largest term. Chosen about 10x above what faithful
+# float32 kernels (native, cuDNN, inductor) show, and far below what a one-off semantic slip
+# costs (eps outside the square root on a small-variance channel: about 5e-2 relative).
+TOLERANCES: dict[torch.dtype, Tolerance] = {
+    torch.float64: Tolerance(rtol=1e-7, atol=1e-7),
+    torch.float32: Tolerance(rtol=1e-4, atol=2e-5),
+    torch.float16: Tolerance(rtol=4e-3, atol=2e-3),
+    torch.bfloat16: Tolerance(rtol=3e-2, atol=1.6e-2),
+}
+
+
+def tolerance_for(dtype: torch.dtype) -> Tolerance:
+    return TOLERANCES[dtype]
+
+
+def _fmt_index(flat_index: int, shape: torch.Size) -> str:
+    idx = []
+    for size in reversed(shape):
+        idx.append(flat_index % size if size else 0)
+        flat_index //= size if size else 1
+    return "(" + ", ".join(str(i) for i in reversed(idx)) + ")"
+
+
+def compare_tensors(name: str, actual, expected: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """None when ``actual`` matches ``expected`` (float64) within the tolerance of ``dtype``."""
+    if actual is None:
+        return f"{name}: is None, expected a tensor of shape {tuple(expected.shape)}"
+    if not isinstance(actual, torch.Tensor):
+        return f"{name}: is a {type(actual).__name__}, expected a tensor"
+    if tuple(actual.shape) != tuple(expected.shape):
+        return f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+    if actual.numel() == 0:
+        return None
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    bad_a = ~torch.isfinite(a)
+    bad_e = ~torch.isfinite(e)
+    mismatch_nonfinite = bad_a != bad_e
+    if mismatch_nonfinite.any():
+        flat = int(mismatch_nonfinite.flatten().nonzero()[0])
+        count = int(mismatch_nonfinite.sum())
+        return (f"{name}: {count} non-finite mismatch(es), first at {_fmt_index(flat, a.shape)}: "
+                f"got {a.flatten()[flat].item():.6g}, expected {e.flatten()[flat].item():.6g}")
+    tol = tolerance_for(dtype)
+    finite = ~bad_e
+    a = torch.where(finite, a, 0.0)
+    e = torch.where(finite, e, 0.0)
+    diff = (a - e).abs()
+    scale = max(1.0, float(e.abs().max()))
+    allowed = tol.atol * scale + tol.rtol * e.abs()
+    if bool((diff <= allowed).all()):
+        return None
+    abs_i = int(diff.flatten().argmax())
+    rel = diff / e.abs().clamp_min(1e-30)
+    rel_i = int(torch.where(diff > allowed, rel, 0.0).flatten().argmax())
+    n_bad = int((diff > allowed).sum())
+    return (
+        f"{name}: {n_bad}/{diff.numel()} elements outside rtol={tol.rtol:g} atol={tol.atol:g}"
+        f"x{scale:.3g}; max abs diff {diff.flatten()[abs_i].item():.3g} at "
+        f"{_fmt_index(abs_i, a.shape)} (got {a.flatten()[abs_i].item():.6g}, expected "
+        f"{e.flatten()[abs_i].item():.6g}); max rel diff {rel.flatten()[rel_i].item():.3g} at "
+        f"{_fmt_index(rel_i, a.shape)} (got {a.flatten()[rel_i].item():.6g}, expected "
+        f"{e.flatten()[rel_i].item():.6g})"
+    )
