@@ -49,6 +49,7 @@ class Case:
     double_backward: bool = False
     rank_specific: bool = False
     error: str | None = None  # kind == error: the exact ValueError message
+    salt: int = 0  # varies the generated inputs between cases of the same id (property tests)
 
     @property
     def id(self) -> str:
@@ -72,7 +73,7 @@ class Case:
 
     @property
     def seed(self) -> int:
-        return zlib.crc32(self.id.encode())
+        return zlib.crc32(self.id.encode()) + 7919 * self.salt
 
 
 def _per_rank(check: str, description: str, ranks=(2, 3, 4, 5), shapes=BASE_SHAPES, **kw):

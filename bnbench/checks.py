@@ -133,7 +133,7 @@ def _check_state(impl, case, module, ref, problems):
                 problems.append(f"{name}: dtype {actual.dtype}, expected {case.module_dtype}")
             if not raw and actual.numel() == expected.numel():
                 actual = actual.reshape(expected.shape)
-        problem = compare_tensors(name, actual, expected, case.module_dtype)
+        problem = compare_tensors(name, actual, expected, case.module_dtype, statistics=True)
         if problem:
             problems.append(problem)
     actual_nbt, expected_nbt = state["num_batches_tracked"], ref.num_batches_tracked
