@@ -455,7 +455,7 @@ def _where(exc: BaseException) -> str:
 
 
 def run_case(impl: Implementation, case: Case, device: str) -> Outcome:
-    """Run ``case`` on ``impl``; a misbehaving implementation gives a failure, never an exception."""
+    """Run ``case`` on ``impl``: a misbehaving implementation gives a failure, never raises."""
     reasons = impl.not_supported_reasons(case, device)
     if reasons:
         return Outcome(UNSUPPORTED, "; ".join(reasons))

@@ -83,7 +83,8 @@ class ReferenceBatchNorm:
                 if training and self.track_running_stats:
                     self._update(mean.detach(), var.detach(), n)
         else:
-            y = (x - self.running_mean.view(view)) / torch.sqrt(self.running_var.view(view) + self.eps)
+            std = torch.sqrt(self.running_var.view(view) + self.eps)
+            y = (x - self.running_mean.view(view)) / std
         if self.affine:
             y = y * self.weight.view(view) + self.bias.view(view)
         return y, {"batch_stats": use_batch_stats}

@@ -126,7 +126,8 @@ class Implementation:
         return dataclasses.replace(self, name=name)
 
 
-def from_classes(name: str, classes: Mapping[int, type[nn.Module]], **declarations) -> Implementation:
+def from_classes(name: str, classes: Mapping[int, type[nn.Module]],
+                 **declarations) -> Implementation:
     """An implementation made of rank-specific classes, keyed by input rank (2, 3, 4, 5)."""
     classes = dict(classes)
 
@@ -138,7 +139,7 @@ def from_classes(name: str, classes: Mapping[int, type[nn.Module]], **declaratio
 
 
 def from_module_class(name: str, cls: type[nn.Module], **declarations) -> Implementation:
-    """An implementation made of one class that takes inputs of rank 2 to 5, as nn.BatchNorm*d do."""
+    """An implementation made of one class that takes inputs of rank 2 to 5 (as BatchNorm*d do)."""
 
     def factory(rank: int, num_features: int, **kwargs) -> nn.Module:
         return cls(num_features, **kwargs)
@@ -186,7 +187,8 @@ def load_spec(spec: str) -> Implementation:
         for part in attr.split("."):
             obj = getattr(obj, part)
     except AttributeError as exc:
-        raise UsageError(f"--impl {spec!r}: module {module_name!r} has no attribute {attr!r}") from exc
+        raise UsageError(
+            f"--impl {spec!r}: module {module_name!r} has no attribute {attr!r}") from exc
     return _coerce(spec, obj, f"--impl {spec!r}")
 
 

@@ -2,6 +2,7 @@
 (on the case that targets its deviation), every faithful one written differently must pass."""
 
 import pytest
+from catalogue import BROKEN, CORRECT, PlainBatchNorm, implementation
 
 from bnbench.cases import all_cases, case_by_id
 from bnbench.checks import FAIL, Outcome, run_case
@@ -14,7 +15,6 @@ from bnbench.gate import (
     verdict,
 )
 from bnbench.registry import Implementation
-from catalogue import BROKEN, CORRECT, PlainBatchNorm, implementation
 
 CASES = all_cases()
 

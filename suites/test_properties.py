@@ -5,14 +5,14 @@ Implementations with declared deviations are left out: their deviations are decl
 """
 
 import pytest
+from catalogue import BiasedRunningVar, implementation
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from strategies import configurations
 
 from bnbench.cases import replace
 from bnbench.checks import PASS, run_case
 from bnbench.registry import resolve
-from catalogue import BiasedRunningVar, implementation
-from strategies import configurations
 
 FAITHFUL = [impl for impl in resolve() if not impl.deviations]
 

@@ -65,7 +65,8 @@ def test_a_third_party_package_appears_through_its_entry_point(tmp_path):
     dist = tmp_path / "someones_bn-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: someones-bn\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[bnbench.implementations]\nsomeones = someones_bn:impl\n")
+    (dist / "entry_points.txt").write_text(
+        "[bnbench.implementations]\nsomeones = someones_bn:impl\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
     result = subprocess.run([sys.executable, "-m", "bnbench.cli", "verify", "--case",
                              "default-rank4", "--impl", "someones", "--json",
