@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bnbench.cases import Case
-from bnbench.compare import compare_tensors
+from bnbench.compare import compare_tensors, working_dtype
 from bnbench.reference import ReferenceBatchNorm
 from bnbench.registry import RANK_TO_BUILTIN, Implementation, _default_state
 
@@ -133,7 +133,9 @@ def _check_state(impl, case, module, ref, problems):
                 problems.append(f"{name}: dtype {actual.dtype}, expected {case.module_dtype}")
             if not raw and actual.numel() == expected.numel():
                 actual = actual.reshape(expected.shape)
-        problem = compare_tensors(name, actual, expected, case.module_dtype, statistics=True)
+        problem = compare_tensors(name, actual, expected, working_dtype(case.dtype,
+                                                                       case.module_dtype),
+                                  statistics=True)
         if problem:
             problems.append(problem)
     actual_nbt, expected_nbt = state["num_batches_tracked"], ref.num_batches_tracked
@@ -220,7 +222,8 @@ def run_steps(impl: Implementation, case: Case, device: str) -> list[str]:
                                             f"{case.module_dtype}")
                         if not raw:
                             actual = actual.reshape(exp.shape)
-                    problem = compare_tensors(f"{name} grad", actual, exp, case.module_dtype)
+                    problem = compare_tensors(f"{name} grad", actual, exp,
+                                              working_dtype(case.dtype, case.module_dtype))
                     if problem:
                         problems.append(problem)
             ref.weight = ref.weight.detach() if case.affine else None
