@@ -1,14 +1,13 @@
 """The gate: verdicts, isolated runs, and what is written about them.
 
-Each (implementation, device) runs in its own worker process, one case at a time; the parent
-waits for each case with a deadline. A case that hangs or kills its worker fails, the worker is
-restarted for the remaining cases, and every other implementation carries on.
+Each (implementation, device) runs in its own worker process (bnbench.isolation), one case at a
+time: a case that hangs or kills its worker fails, the worker is restarted for the remaining
+cases, and every other implementation carries on.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import platform
 import socket
@@ -25,6 +24,7 @@ import torch
 
 from bnbench.cases import Case
 from bnbench.checks import FAIL, PASS, UNSUPPORTED, Outcome, run_case
+from bnbench.isolation import run_items
 from bnbench.registry import Implementation
 
 # Verdicts: what an outcome means once the implementation's declarations are applied.
@@ -69,73 +69,32 @@ def available_devices() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Worker process
 
-def _worker(spec: str, device: str, case_ids: list[str], conn, threads: int) -> None:
+def _gate_worker(spec: str, device: str, threads: int, *, items: list[str], channel) -> None:
     torch.set_num_threads(threads)
     from bnbench.cases import case_by_id
     from bnbench.registry import resolve
 
     impl = resolve([spec])[0]
     cases = case_by_id()
-    for case_id in case_ids:
-        conn.send(json.dumps({"start": case_id}))
+    for case_id in items:
+        channel.start(case_id)
         start = time.perf_counter()
         outcome = run_case(impl, cases[case_id], device)
-        conn.send(json.dumps({"done": case_id, "status": outcome.status,
-                              "message": outcome.message,
-                              "seconds": time.perf_counter() - start}))
-    conn.close()
+        channel.done(case_id, {"status": outcome.status, "message": outcome.message,
+                               "seconds": time.perf_counter() - start})
 
 
 def run_isolated(spec: str, device: str, case_ids: list[str], timeout: float, threads: int,
                  on_result: Callable[[str, Outcome, float], None]) -> None:
     """Run cases in a worker process; a hang or a crash fails that case, not the run."""
-    ctx = multiprocessing.get_context("spawn")
-    remaining = list(case_ids)
-    while remaining:
-        receiver, sender = ctx.Pipe(duplex=False)
-        process = ctx.Process(target=_worker, args=(spec, device, remaining, sender, threads),
-                              daemon=True)
-        process.start()
-        sender.close()
-        current: str | None = None
-        started = time.perf_counter()
-        try:
-            while remaining:
-                # Importing torch and the implementation is not the case's time: wait longer
-                # for the first message.
-                wait = timeout if current is not None else timeout + 120
-                if not receiver.poll(wait):
-                    victim = current or remaining[0]
-                    process.kill()
-                    on_result(victim, Outcome(FAIL, f"hung: no result within {timeout:g} s "
-                                              "(worker killed)"), time.perf_counter() - started)
-                    remaining.remove(victim)
-                    break
-                try:
-                    message = json.loads(receiver.recv())
-                except (EOFError, OSError):
-                    process.join(5)
-                    victim = current or remaining[0]
-                    on_result(victim, Outcome(FAIL, "crashed: the worker process died "
-                                              f"(exit code {process.exitcode}) during this case"),
-                              time.perf_counter() - started)
-                    remaining.remove(victim)
-                    break
-                if "start" in message:
-                    current = message["start"]
-                    started = time.perf_counter()
-                else:
-                    on_result(message["done"], Outcome(message["status"], message["message"]),
-                              message["seconds"])
-                    remaining.remove(message["done"])
-                    current = None
-        finally:
-            receiver.close()
-            if process.is_alive():
-                process.join(2)
-            if process.is_alive():
-                process.kill()
-                process.join()
+
+    def received(case_id, result, problem, seconds):
+        if result is None:
+            on_result(case_id, Outcome(FAIL, problem), seconds)
+        else:
+            on_result(case_id, Outcome(result["status"], result["message"]), result["seconds"])
+
+    run_items(_gate_worker, (spec, device, threads), case_ids, timeout, received)
 
 
 def run_gate(impls: list[Implementation], specs: list[str], devices: list[str],
