@@ -183,6 +183,64 @@ def verify(impl_specs, devices, case_patterns, json_path, junit_path, timeout, j
     sys.exit(0 if all(r.ok for r in results) else 1)
 
 
+@main.command()
+@click.option("--impl", "impl_specs", multiple=True, metavar="NAME|MODULE:ATTR",
+              help="Implementation to benchmark (as for verify). Repeatable. Default: all.")
+@click.option("--device", "devices", multiple=True, type=click.Choice(["cpu", "cuda"]),
+              help="Device. Repeatable. Default: every available device.")
+@click.option("--quick", "sweep_name", flag_value="quick", default=True,
+              help="The quick sweep: under 3 minutes for the built-ins on 2 cores (default).")
+@click.option("--full", "sweep_name", flag_value="full", help="The full sweep.")
+@click.option("--smoke", "sweep_name", flag_value="smoke",
+              help="A few rows in seconds, to try an implementation out.")
+@click.option("--output", type=click.Path(file_okay=False), default="bench-results",
+              show_default=True, help="Directory for results.csv, samples.csv, environment.json.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for every measurement (recorded). Default: every core.")
+@click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds one row may take before the implementation counts as hung.")
+@click.option("--no-verify", is_flag=True,
+              help="Do not run the gate case that vouches for each row (rows say not-run).")
+def bench(impl_specs, devices, sweep_name, output, threads, timeout, no_verify):
+    """Time forward/backward over a sweep; write a tidy results table."""
+    from pathlib import Path
+
+    from bnbench import bench as engine
+
+    impls, specs = _implementations(impl_specs)
+    devices = _devices(devices)
+    sweep = engine.SWEEPS[sweep_name]
+    console = _console()
+    total = len(impls) * len(devices) * len(sweep.rows())
+    start = time.perf_counter()
+    with Progress(TextColumn(f"bench {sweep.name}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("{task.description}"), console=console,
+                  transient=True) as bar:
+        task = bar.add_task("", total=total)
+
+        def progress(row):
+            bar.update(task, advance=1, description=f"{row['implementation']} {row['mode']} "
+                                                    f"{row['shape']} {row['dtype']}")
+        try:
+            engine.run_sweep(impls, specs, devices, sweep, Path(output), threads=threads,
+                             timeout=timeout, verify=not no_verify, progress=progress)
+        except KeyboardInterrupt:
+            console.print(f"interrupted: the finished rows are in {output}/results.csv")
+            sys.exit(130)
+    import csv
+
+    with open(Path(output) / "results.csv") as f:
+        rows = [engine.parse_row(r) for r in csv.DictReader(f)]
+    for line in engine.summary_lines(rows):
+        console.print(line, markup=False)
+    bad = [r for r in rows if r["status"] not in ("ok", "not-supported")]
+    for r in bad:
+        console.print(f"[red]{r['status']}[/] {r['implementation']}@{r['device']} {r['mode']} "
+                      f"{r['shape']} {r['dtype']}: {r['message']}")
+    console.print(f"{len(rows)} rows in {time.perf_counter() - start:.0f} s: "
+                  f"{Path(output) / 'results.csv'}")
+
+
 @main.command("list")
 def list_command():
     """List registered implementations, what they support, and the cases."""

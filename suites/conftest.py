@@ -19,6 +19,9 @@ settings.load_profile(os.environ.get("BNBENCH_HYPOTHESIS_PROFILE", "ci"))
 
 def pytest_addoption(parser):
     group = parser.getgroup("bnbench")
+    group.addoption("--benchmark", action="store_true", default=False,
+                    help="Run the timed benchmark suite (suites/test_benchmarks.py) through "
+                         "pytest-benchmark. Without it those tests are skipped.")
     group.addoption("--impl", action="append", default=[], metavar="NAME|MODULE:ATTR",
                     help="Implementation(s) the gate suite verifies: registered names or "
                          "MODULE:ATTR. Default: every registered implementation.")
@@ -37,3 +40,18 @@ def pytest_generate_tests(metafunc):
                     params.append(pytest.param((impl, device, case),
                                                id=f"{impl.name}-{device}-{case.id}"))
         metafunc.parametrize("gate_item", params)
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("benchmark"):
+        return
+    skip = pytest.mark.skip(reason="timed benchmarks run with --benchmark")
+    for item in items:
+        if "benchmark_suite" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    from bnbench.gate import environment
+
+    machine_info["bnbench"] = environment()

@@ -1,0 +1,81 @@
+"""Timed benchmarks under pytest-benchmark (`pytest --benchmark`; skipped otherwise).
+
+Each test times one (implementation, device, mode, shape) with pytest-benchmark's pedantic mode;
+the timed function synchronizes CUDA itself, since pytest-benchmark knows nothing of streams.
+Bytes moved, GB/s, the implementation and the shape go into extra_info, the environment into
+machine_info. pytest-benchmark's own options (--benchmark-json, --benchmark-compare...) work.
+"""
+
+import pytest
+import torch
+from workloads import twice
+
+from bnbench import timing
+from bnbench.bench import QUICK, make_workload
+from bnbench.registry import resolve
+
+pytestmark = pytest.mark.benchmark_suite
+
+ROWS = [row for row in QUICK.rows() if len(row["shape"]) == 4 and row["dtype"] == "float32"
+        and row["memory_format"] == "contiguous" and row["shape"][0] in (8, 64)]
+
+
+def _params():
+    for impl in resolve():
+        for device in ("cpu", "cuda"):
+            for row in ROWS:
+                shape = "x".join(map(str, row["shape"]))
+                yield pytest.param(impl, device, row,
+                                   id=f"{impl.name}-{device}-{row['mode']}-{shape}")
+
+
+@pytest.mark.parametrize("impl, device, row", _params())
+def test_bench(benchmark, impl, device, row):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA not available")
+    from bnbench.bench import gate_case_for
+    from bnbench.cases import case_by_id
+
+    reasons = impl.not_supported_reasons(case_by_id()[gate_case_for(row)], device)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    workload = make_workload(impl, device, row)
+    calls = iter(range(10**9))
+    state = {}
+
+    def setup():
+        state["i"] = next(calls)
+        if workload.prepare:
+            workload.prepare(state["i"])
+
+    def target():
+        workload.step(state["i"])
+        timing.synchronize(device)
+
+    for _ in range(3):  # warm-up (and compilation) outside the rounds
+        setup()
+        target()
+    benchmark.extra_info.update(implementation=impl.name, device=device, mode=row["mode"],
+                                shape="x".join(map(str, row["shape"])), dtype=row["dtype"],
+                                bytes=workload.bytes, threads=torch.get_num_threads())
+    benchmark.pedantic(target, setup=setup, rounds=30, iterations=1, warmup_rounds=2)
+    benchmark.extra_info["gbps"] = workload.bytes / benchmark.stats.stats.median / 1e9
+
+
+@pytest.mark.parametrize("mode", ["forward_eval", "forward_train"])
+def test_timer_measures_double_work_as_twice_the_time(mode):
+    """A workload doing builtin's forward twice must time at 2x builtin (within 20%)."""
+    builtin = resolve(["builtin"])[0]
+    row = {"shape": (32, 64, 28, 28), "dtype": "float32", "memory_format": "contiguous",
+           "mode": mode}
+    medians = {}
+    for _ in range(2):  # interleave so drifting load hits both alike
+        for impl in (builtin, twice):
+            w = make_workload(impl, "cpu", row)
+            samples = timing.measure(w.step, "cpu", prepare=w.prepare, budget_s=1.0)
+            medians.setdefault(impl.name, []).append(samples.median)
+    ratio = min(medians["twice"]) / min(medians["builtin"])
+    print(f"\ntimer check, {mode} {row['shape']}: twice / builtin = {ratio:.3f} "
+          f"(builtin {min(medians['builtin']) * 1e3:.3f} ms, twice "
+          f"{min(medians['twice']) * 1e3:.3f} ms)")
+    assert 1.6 <= ratio <= 2.4
