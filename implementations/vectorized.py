@@ -5,8 +5,9 @@ rank and memory format shares them (and ``compiled`` compiles only these two):
   - ``(N, C, L)`` for contiguous inputs (L = the flattened spatial size),
   - ``(M, C)`` for channels-last inputs and plain (N, C) inputs (M rows of C channels).
 Reductions are written as ``sum`` over the non-channel dims: on CPU that is several times faster
-than var_mean over the same dims (shared/BENCHMARKING.md). Half-precision inputs are computed in
-float32 and cast back, as the native kernels do.
+than var_mean over the same dims (shared/BENCHMARKING.md). Training has a hand-written backward
+(_TrainNormalize). Half-precision inputs are computed in float32 and cast back, as the native
+kernels do.
 """
 
 from __future__ import annotations
@@ -45,6 +46,67 @@ def train_kernel(x, weight, bias, eps: float):
     else:
         y = centered * scale.view(view)
     return y.to(x.dtype), mean, var
+
+
+def _dims(x):
+    return ((0, 2), (1, -1, 1)) if x.dim() == 3 else ((0,), (1, -1))
+
+
+class _TrainNormalize(torch.autograd.Function):
+    """train_kernel with a hand-written backward: per-channel coefficients and two fused
+    multiply-adds instead of autograd's chain of full-size temporaries.
+
+    dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)) is rewritten as
+    dx = a * dy + b * x + c with per-channel a, b, c, so xhat is never materialized. When the
+    backward itself is differentiated (create_graph=True), the statistics are recomputed from x
+    with differentiable ops, so double backward stays exact.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, var = train_kernel(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.eps = eps
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, weight, mean, var = ctx.saved_tensors
+        dims, view = _dims(x)
+        xf = x.to(_compute_dtype(x))
+        gy = grad_y.to(xf.dtype)
+        n = xf.numel() // xf.shape[1]
+        if torch.is_grad_enabled():  # create_graph: keep the dependence of the stats on x
+            mean = xf.sum(dims) / n
+            centered = xf - mean.view(view)
+            var = (centered * centered).sum(dims) / n
+        invstd = torch.rsqrt(var + ctx.eps)
+        grad_sum = gy.sum(dims)
+        # sum(dy * xhat) = (sum(dy * x) - mean * sum(dy)) * invstd
+        grad_dot = ((gy * xf).sum(dims) - mean * grad_sum) * invstd
+        scale = invstd if weight is None else invstd * weight
+        a = scale
+        b = -scale * invstd * grad_dot / n
+        c = -scale * grad_sum / n - b * mean
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.addcmul(torch.addcmul(c.view(view), xf, b.view(view)), gy,
+                                   a.view(view)).to(x.dtype)
+        grad_weight = grad_dot if weight is not None and ctx.needs_input_grad[1] else None
+        grad_bias = grad_sum if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias, None
+
+
+def train_kernel_autograd(x, weight, bias, eps: float):
+    """train_kernel, with the hand-written backward whenever a gradient will be needed."""
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad))
+    if not needs_grad:
+        return train_kernel(x, weight, bias, eps)
+    return _TrainNormalize.apply(x, weight, bias, eps)
 
 
 def eval_kernel(x, running_mean, running_var, weight, bias, eps: float):
@@ -99,7 +161,7 @@ class VectorizedBatchNorm(nn.Module):
 
     _expected_dims: tuple[int, ...] = (2, 3, 4, 5)
     _expected_text = "2D to 5D"
-    train_kernel = staticmethod(train_kernel)
+    train_kernel = staticmethod(train_kernel_autograd)
     eval_kernel = staticmethod(eval_kernel)
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,

@@ -62,20 +62,23 @@ def test_bench(benchmark, impl, device, row):
     benchmark.extra_info["gbps"] = workload.bytes / benchmark.stats.stats.median / 1e9
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("mode", ["forward_eval", "forward_train"])
-def test_timer_measures_double_work_as_twice_the_time(mode):
+def test_timer_measures_double_work_as_twice_the_time(mode, device):
     """A workload doing builtin's forward twice must time at 2x builtin (within 20%)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA not available")
     builtin = resolve(["builtin"])[0]
-    row = {"shape": (32, 64, 28, 28), "dtype": "float32", "memory_format": "contiguous",
-           "mode": mode}
+    shape = (32, 64, 28, 28) if device == "cpu" else (256, 64, 56, 56)
+    row = {"shape": shape, "dtype": "float32", "memory_format": "contiguous", "mode": mode}
     medians = {}
     for _ in range(2):  # interleave so drifting load hits both alike
         for impl in (builtin, twice):
-            w = make_workload(impl, "cpu", row)
-            samples = timing.measure(w.step, "cpu", prepare=w.prepare, budget_s=1.0)
+            w = make_workload(impl, device, row)
+            samples = timing.measure(w.step, device, prepare=w.prepare, budget_s=1.0)
             medians.setdefault(impl.name, []).append(samples.median)
     ratio = min(medians["twice"]) / min(medians["builtin"])
-    print(f"\ntimer check, {mode} {row['shape']}: twice / builtin = {ratio:.3f} "
+    print(f"\ntimer check, {device} {mode} {row['shape']}: twice / builtin = {ratio:.3f} "
           f"(builtin {min(medians['builtin']) * 1e3:.3f} ms, twice "
           f"{min(medians['twice']) * 1e3:.3f} ms)")
     assert 1.6 <= ratio <= 2.4
