@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import time
@@ -156,8 +157,10 @@ def run_gate(impls: list[Implementation], specs: list[str], devices: list[str],
 def environment() -> dict:
     try:
         revision = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                  timeout=5, cwd=Path(__file__).parent).stdout.strip() or None
+                                  timeout=5, cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
+        revision = ""
+    if not re.fullmatch(r"[0-9a-f]{40}", revision):  # not a checkout, or no commit yet
         revision = None
     env = {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
