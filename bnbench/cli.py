@@ -241,6 +241,107 @@ def bench(impl_specs, devices, sweep_name, output, threads, timeout, no_verify):
                   f"{Path(output) / 'results.csv'}")
 
 
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="RESULTS...")
+@click.option("--output", type=click.Path(file_okay=False), required=True,
+              help="Directory for report.md, report.html (self-contained) and plots/*.png.")
+def report(inputs, output):
+    """Write a comparison report from bnbench bench directories and/or pytest-benchmark JSON."""
+    from bnbench.report import ReportInputError, write_report
+
+    try:
+        path = write_report(list(inputs), output)
+    except ReportInputError as exc:
+        raise click.UsageError(str(exc)) from exc
+    _console().print(f"report: {path}")
+
+
+@main.command()
+@click.argument("baseline", metavar="BASELINE")
+@click.argument("new", metavar="NEW")
+@click.option("--threshold", default=25.0, show_default=True, type=click.FloatRange(min=0),
+              help="Percent slowdown that counts: flagged only when the whole 95% interval "
+                   "lies above 1 + PCT/100.")
+@click.option("--per-case", is_flag=True,
+              help="Let single cases fail the gate too (for quiet machines): by default the "
+                   "gate decides on each implementation's geometric mean over its cases.")
+def compare(baseline, new, threshold, per_case):
+    """NEW / BASELINE per implementation and case; exit 1 on a regression, 2 on bad input."""
+    from bnbench.report import ReportInputError, compare_implementations, compare_runs
+
+    try:
+        cases = compare_runs(baseline, new, threshold)
+    except ReportInputError as exc:
+        raise click.UsageError(str(exc)) from exc
+    summary = compare_implementations(cases, threshold)
+    console = _console()
+    table = Table(title=f"NEW / BASELINE, 95% bootstrap intervals, threshold {threshold:g}%")
+    for column in ("implementation", "device", "cases", "geomean ratio", "95% interval",
+                   "verdict"):
+        table.add_column(column)
+    for r in summary.itertuples():
+        style = {"regression": "bold red", "improvement": "green"}.get(r.verdict, "")
+        table.add_row(r.implementation, r.device, str(r.cases), f"{r.geomean_ratio:.3f}",
+                      f"[{r.ci_low:.3f}, {r.ci_high:.3f}]",
+                      f"[{style}]{r.verdict}[/]" if style else r.verdict)
+    console.print(table)
+    flagged = cases[cases.verdict != "same"]
+    for r in flagged.itertuples():
+        console.print(f"  case {r.verdict}: {r.implementation}@{r.device} {r.mode} {r.shape} "
+                      f"{r.dtype} {r.memory_format}: {r.ratio:.3f} [{r.ci_low:.3f}, "
+                      f"{r.ci_high:.3f}] ({r.method})", markup=False)
+    regressed = (summary.verdict == "regression").any() or (
+        per_case and (cases.verdict == "regression").any())
+    console.print("[bold red]REGRESSION[/]" if regressed else "[green]no regression[/]")
+    sys.exit(1 if regressed else 0)
+
+
+@main.command()
+@click.option("--name", default=None,
+              help="Report directory name under reports/. Default: HOST-YYYYMMDD-HHMM.")
+@click.option("--reports-dir", type=click.Path(file_okay=False), default="reports",
+              show_default=True)
+@click.option("--impl", "impl_specs", multiple=True, metavar="NAME|MODULE:ATTR",
+              help="Implementations (as for verify). Default: every registered one.")
+@click.option("--device", "devices", multiple=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--full", is_flag=True, help="The full sweep instead of the quick one.")
+@click.pass_context
+def run(ctx, name, reports_dir, impl_specs, devices, full):
+    """The main job: verify, then a quick benchmark, then a report, in reports/NAME/."""
+    import socket
+    from datetime import datetime
+    from pathlib import Path
+
+    from bnbench import bench as engine
+    from bnbench.report import write_report
+
+    impls, specs = _implementations(impl_specs)
+    devices = _devices(devices)
+    name = name or f"{socket.gethostname()}-{datetime.now():%Y%m%d-%H%M}"
+    out = Path(reports_dir) / name
+    console = _console()
+    console.print(f"[bold]1/3 verify[/] -> {out}/verify.json")
+    start = time.perf_counter()
+    results = gate.run_gate(impls, specs, devices, all_cases())
+    print_matrix(console, results, verbose=False)
+    print_summary(console, results, time.perf_counter() - start)
+    out.mkdir(parents=True, exist_ok=True)
+    gate.write_atomic(out / "verify.json", gate.to_json(results, gate.environment()))
+    gate.write_atomic(out / "verify.xml", gate.to_junit(results))
+    sweep = engine.FULL if full else engine.QUICK
+    console.print(f"[bold]2/3 bench[/] ({sweep.name} sweep) -> {out}/results.csv")
+    engine.run_sweep(impls, specs, devices, sweep, out)
+    with open(out / "results.csv") as f:
+        import csv
+
+        for line in engine.summary_lines([engine.parse_row(r) for r in csv.DictReader(f)]):
+            console.print(line, markup=False)
+    console.print("[bold]3/3 report[/]")
+    path = write_report([str(out)], out)
+    console.print(f"report: {path}")
+    sys.exit(0 if all(r.ok for r in results) else 1)
+
+
 @main.command("list")
 def list_command():
     """List registered implementations, what they support, and the cases."""
