@@ -304,9 +304,9 @@ def compare(baseline, new, threshold, per_case):
 @click.option("--impl", "impl_specs", multiple=True, metavar="NAME|MODULE:ATTR",
               help="Implementations (as for verify). Default: every registered one.")
 @click.option("--device", "devices", multiple=True, type=click.Choice(["cpu", "cuda"]))
-@click.option("--full", is_flag=True, help="The full sweep instead of the quick one.")
-@click.pass_context
-def run(ctx, name, reports_dir, impl_specs, devices, full):
+@click.option("--sweep", "sweep_name", type=click.Choice(["quick", "full", "smoke"]),
+              default="quick", show_default=True, help="Which benchmark sweep to run.")
+def run(name, reports_dir, impl_specs, devices, sweep_name):
     """The main job: verify, then a quick benchmark, then a report, in reports/NAME/."""
     import socket
     from datetime import datetime
@@ -328,7 +328,7 @@ def run(ctx, name, reports_dir, impl_specs, devices, full):
     out.mkdir(parents=True, exist_ok=True)
     gate.write_atomic(out / "verify.json", gate.to_json(results, gate.environment()))
     gate.write_atomic(out / "verify.xml", gate.to_junit(results))
-    sweep = engine.FULL if full else engine.QUICK
+    sweep = engine.SWEEPS[sweep_name]
     console.print(f"[bold]2/3 bench[/] ({sweep.name} sweep) -> {out}/results.csv")
     engine.run_sweep(impls, specs, devices, sweep, out)
     with open(out / "results.csv") as f:

@@ -31,7 +31,7 @@ def _params():
                                    id=f"{impl.name}-{device}-{row['mode']}-{shape}")
 
 
-@pytest.mark.parametrize("impl, device, row", _params())
+@pytest.mark.parametrize("impl, device, row", list(_params()))
 def test_bench(benchmark, impl, device, row):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("CUDA not available")
