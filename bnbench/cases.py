@@ -50,6 +50,8 @@ class Case:
     rank_specific: bool = False
     error: str | None = None  # kind == error: the exact ValueError message
     salt: int = 0  # varies the generated inputs between cases of the same id (property tests)
+    # False: construct with num_features alone, so the constructor's own defaults are tested.
+    explicit_kwargs: bool = True
 
     @property
     def id(self) -> str:
@@ -85,7 +87,9 @@ def all_cases() -> list[Case]:
     """Every case of the gate, in report order."""
     c: list[Case] = []
     steps = [
-        ("default", "default constructor, several train and eval steps", {}),
+        ("default", "default hyper-parameters, several train and eval steps", {}),
+        ("default_constructor", "constructed from num_features alone: the signature's "
+         "defaults must be eps=1e-5, momentum=0.1, affine, tracking", dict(explicit_kwargs=False)),
         ("momentum_float", "momentum=0.7", dict(momentum=0.7)),
         ("momentum_none", "momentum=None: cumulative average of batch statistics",
          dict(momentum=None)),

@@ -79,7 +79,12 @@ class Implementation:
     extra_unsupported: Callable[["Case"], str | None] | None = None
 
     def make(self, case: "Case", device: str, **overrides: Any) -> nn.Module:
-        kwargs = dict(case.module_kwargs(), device=device, dtype=case.module_dtype)
+        if case.explicit_kwargs:
+            kwargs = dict(case.module_kwargs(), device=device, dtype=case.module_dtype)
+        else:  # only what the defaults cannot say
+            kwargs = {} if torch.device(device).type == "cpu" else {"device": device}
+            if case.module_dtype != torch.float32:
+                kwargs["dtype"] = case.module_dtype
         kwargs.update(overrides)
         return self.factory(case.rank, case.num_features, **kwargs)
 

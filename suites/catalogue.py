@@ -387,6 +387,18 @@ class _OnceDifferentiableIdentity(torch.autograd.Function):
         return grad
 
 
+class WrongDefaultMomentum(PlainBatchNorm):
+    def __init__(self, num_features, eps=1e-5, momentum=0.01, affine=True,
+                 track_running_stats=True, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+
+
+class WrongDefaultEps(PlainBatchNorm):
+    def __init__(self, num_features, eps=1e-3, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+
+
 class HalfInputUnsupported(PlainBatchNorm):
     def compute_dtype(self, x):
         return x.dtype  # float16 input times float32 weight: float32 output, float16 stats
@@ -509,6 +521,8 @@ BROKEN = {
     ConstantChannelNaN: "constant_channel-rank4",
     NoDoubleBackward: "gradgradcheck_train-rank4",
     HalfInputUnsupported: "float16-rank4",
+    WrongDefaultMomentum: "default_constructor-rank4",
+    WrongDefaultEps: "default_constructor-rank2",
 }
 
 CORRECT = [PlainBatchNorm, FunctionalBatchNorm, AutogradFunctionBatchNorm, Float64Accumulation,

@@ -69,3 +69,29 @@ def test_misbehaving_rows_are_recorded_and_the_sweep_goes_on(tmp_path):
     assert "exit code 3" in rows[(flaky, "forward_eval", "16x32")]["message"]
     assert all(r["status"] == "ok" for k, r in rows.items() if k[0] == "builtin")
     assert all(r["verified"] == "not-run" for r in rows.values())
+
+
+def test_ctrl_c_keeps_the_finished_rows(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "b"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    process = subprocess.Popen([sys.executable, "-m", "bnbench.cli", "bench", "--impl",
+                                "builtin", "--output", str(out), "--no-verify"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (out / "results.csv").is_file() and len(read(out / "results.csv")) >= 3:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, output
+    rows = read(out / "results.csv")
+    assert len(rows) >= 3 and all(r["status"] == "ok" for r in rows)
+    env_json = json.loads((out / "environment.json").read_text())
+    assert env_json["complete"] is False and env_json["rows"] == len(rows)

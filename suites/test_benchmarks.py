@@ -87,3 +87,26 @@ def test_timer_measures_double_work_as_twice_the_time(mode, device):
           f"(builtin {min(medians['builtin']) * 1e3:.3f} ms, twice "
           f"{min(medians['twice']) * 1e3:.3f} ms)")
     assert 1.6 <= ratio <= 2.4
+
+
+def test_compare_real_runs_identical_code_passes_and_2x_is_flagged(tmp_path):
+    """Real runs on this machine: the same code twice is not flagged; a 2x slowdown is."""
+    from test_cli import bnbench
+
+    def run(directory, body):
+        directory.mkdir()
+        (directory / "candidate.py").write_text(body)
+        result = bnbench("bench", "--impl", "candidate:impl", "--smoke", "--no-verify",
+                         "--output", str(directory / "out"), cwd=directory)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return directory / "out"
+
+    same = "from implementations.builtin import builtin as impl\n"
+    slow = "from workloads import twice as impl\n"
+    first, second = run(tmp_path / "a", same), run(tmp_path / "b", same)
+    slower = run(tmp_path / "c", slow)
+    identical = bnbench("compare", str(first), str(second))
+    doubled = bnbench("compare", str(first), str(slower))
+    print("\n" + identical.stdout + doubled.stdout)
+    assert identical.returncode == 0
+    assert doubled.returncode == 1
