@@ -49,6 +49,12 @@ class Sweep:
     def rows(self) -> list[dict]:
         rows = []
         for group in self.groups:
+            if "models" in group:  # whole training steps of the model zoo's networks
+                for model, batch in itertools.product(group["models"], group["batch_sizes"]):
+                    rows.append({"model": model, "shape": _model_input(model, batch),
+                                 "dtype": "float32", "memory_format": "contiguous",
+                                 "mode": "train_step"})
+                continue
             for spatial, channels, batch, dtype, fmt, mode in itertools.product(
                     group["spatial"], group["channels"], group["batch_sizes"], group["dtypes"],
                     group.get("memory_formats", ("contiguous",)), group.get("modes", MODES)):
@@ -58,7 +64,14 @@ class Sweep:
         return rows
 
 
+def _model_input(model: str, batch: int) -> tuple:
+    from bnbench.zoo import UPSAMPLED
+
+    return (batch, 1, 28, 28) if model in UPSAMPLED else (batch, 1, 8, 8)
+
+
 QUICK = Sweep("quick", groups=(
+    dict(models=("conv_bn", "mlp_bn"), batch_sizes=(16, 128)),
     dict(batch_sizes=(1, 8, 32, 64), channels=(64,), spatial=((28, 28),), dtypes=("float32",)),
     dict(batch_sizes=(8, 256), channels=(512,), spatial=((),), dtypes=("float32",)),
     dict(batch_sizes=(32,), channels=(64,), spatial=((128,),), dtypes=("float32",)),
@@ -81,6 +94,7 @@ FULL = Sweep("full", budget_s=1.0, warmup_s=0.1, groups=(
     dict(batch_sizes=(1, 4, 16), channels=(32, 64), spatial=((16, 32, 32),),
          dtypes=("float32",), memory_formats=("contiguous", "channels_last")),
     dict(batch_sizes=(64,), channels=(64,), spatial=((28, 28),), dtypes=("float64",)),
+    dict(models=("conv_bn", "mlp_bn", "fc_bn_fc", "lenet_bn"), batch_sizes=(16, 64, 256)),
 ))
 
 # Seconds, not minutes: for the bench tests and for trying an implementation out.
@@ -88,6 +102,7 @@ SMOKE = Sweep("smoke", budget_s=0.05, warmup_s=0.01, groups=(
     dict(batch_sizes=(8,), channels=(16,), spatial=((8, 8),), dtypes=("float32",)),
     dict(batch_sizes=(16,), channels=(32,), spatial=((),), dtypes=("float32",),
          modes=("forward_eval",)),
+    dict(models=("mlp_bn",), batch_sizes=(16,)),
 ))
 
 SWEEPS = {"quick": QUICK, "full": FULL, "smoke": SMOKE}
@@ -98,12 +113,15 @@ COLUMNS = [
     "repetitions", "calls_per_repetition", "bytes", "gbps", "copy_gbps", "floor_s",
     "ratio_to_floor", "clone_s", "ratio_to_clone", "cache_effect", "peak_memory_bytes",
     "memory_method", "first_call_s", "compile_s", "graphs_compiled", "recompiled_while_timing",
-    "threads", "message",
+    "threads", "model", "message",
 ]
 
 
 def gate_case_for(row: dict) -> str:
-    """The gate case whose verdict vouches for a benchmark row."""
+    """The gate case whose verdict vouches for a benchmark row (a model's training step: the
+    default case at the rank of its first BatchNorm)."""
+    if row.get("model"):
+        return "default-rank4" if row["model"] in ("conv_bn", "lenet_bn") else "default-rank2"
     rank = len(row["shape"])
     check = {"float32": "default", "float64": "float64", "float16": "float16",
              "bfloat16": "bfloat16"}[row["dtype"]]
@@ -147,7 +165,38 @@ class Workload:
     bytes: int
 
 
+def _train_step_workload(impl: Implementation, device: str, row: dict) -> Workload:
+    """One SGD step of a zoo network with ``impl`` swapped in, on rotating digit batches."""
+    import torch.nn.functional as F
+
+    from bnbench import zoo
+    from bnbench.models import swap
+
+    name, batch = row["model"], row["shape"][0]
+    model = swap(zoo.build(name, seed=0, device=device), impl)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x_train, y_train, _, _ = zoo.digits()
+    x_train = zoo.prepare(name, x_train)
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(8):
+        index = torch.randint(0, len(y_train), (batch,), generator=generator)
+        batches.append((x_train[index].to(device, torch.float32), y_train[index].to(device)))
+
+    def step(i):
+        xb, yb = batches[i % len(batches)]
+        loss = F.cross_entropy(model(xb), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return Workload(step, None, [b[0] for b in batches], 0)
+
+
 def make_workload(impl: Implementation, device: str, row: dict) -> Workload:
+    if row.get("model"):
+        return _train_step_workload(impl, device, row)
     shape, dtype, mode = tuple(row["shape"]), DTYPES[row["dtype"]], row["mode"]
     module = impl.factory(len(shape), shape[1], device=device, dtype=_module_dtype(dtype))
     train = mode != "forward_eval"
@@ -280,7 +329,7 @@ def finish_row(base: dict, result: dict, floor: dict | None, threads: int) -> di
     row.update({key: value for key, value in base.items() if key in COLUMNS})
     row.update({key: value for key, value in result.items() if key in COLUMNS})
     row["threads"] = threads
-    if row["status"] in ("ok", "recompiled") and floor:
+    if row["status"] in ("ok", "recompiled") and floor and row["bytes"]:
         median = result["median_s"]
         row["gbps"] = row["bytes"] / median / 1e9
         row["copy_gbps"] = floor["copy_gbps"]
@@ -296,11 +345,12 @@ def finish_row(base: dict, result: dict, floor: dict | None, threads: int) -> di
 def base_columns(impl_name: str, device: str, row: dict) -> dict:
     shape = row["shape"]
     element = torch.empty((), dtype=DTYPES[row["dtype"]]).element_size()
+    moved = 0 if row.get("model") else BYTES_PER_ELEMENT[row["mode"]] * math.prod(shape) * element
     return {"implementation": impl_name, "device": device, "dtype": row["dtype"],
             "mode": row["mode"], "batch_size": shape[0], "channels": shape[1],
             "spatial": "x".join(map(str, shape[2:])) or "-", "rank": len(shape),
             "shape": "x".join(map(str, shape)), "memory_format": row["memory_format"],
-            "bytes": BYTES_PER_ELEMENT[row["mode"]] * math.prod(shape) * element}
+            "bytes": moved, "model": row.get("model", "")}
 
 
 def to_csv(rows: list[dict], columns: list[str]) -> str:
@@ -361,7 +411,8 @@ def run_sweep(impls: list[Implementation], specs: list[str], devices: list[str],
     floors: dict[tuple, dict] = {}
     try:
         for device in devices:
-            for key in sorted({(r["dtype"], r["shape"]) for r in rows}, key=str):
+            for key in sorted({(r["dtype"], r["shape"]) for r in rows if not r.get("model")},
+                              key=str):
                 floors[(device,) + key] = measure_floor(device, DTYPES[key[0]], key[1],
                                                         sweep.budget_s / 2)
             for impl, spec in zip(impls, specs):
@@ -424,15 +475,16 @@ def summary_lines(rows: list[dict]) -> list[str]:
     """Per implementation and device: geometric-mean time relative to builtin and to the floor."""
     ok = [r for r in rows if r["status"] == "ok"]
     lines = []
-    by_key = {(r["device"], r["dtype"], r["mode"], r["shape"], r["memory_format"]): r
-              for r in ok if r["implementation"] == "builtin"}
+    def key(r):
+        return (r["device"], r["dtype"], r["mode"], r["shape"], r["memory_format"],
+                r.get("model") or "")
+
+    by_key = {key(r): r for r in ok if r["implementation"] == "builtin"}
     for name, device in dict.fromkeys((r["implementation"], r["device"]) for r in ok):
         mine = [r for r in ok if r["implementation"] == name and r["device"] == device]
-        floor = math.exp(sum(math.log(r["ratio_to_floor"]) for r in mine) / len(mine))
-        paired = [(r["median_s"], by_key[(r["device"], r["dtype"], r["mode"], r["shape"],
-                                          r["memory_format"])]["median_s"]) for r in mine
-                  if (r["device"], r["dtype"], r["mode"], r["shape"], r["memory_format"])
-                  in by_key]
+        floors = [r["ratio_to_floor"] for r in mine if r["ratio_to_floor"]]
+        floor = math.exp(sum(math.log(f) for f in floors) / len(floors)) if floors else math.nan
+        paired = [(r["median_s"], by_key[key(r)]["median_s"]) for r in mine if key(r) in by_key]
         vs_builtin = (math.exp(sum(math.log(a / b) for a, b in paired) / len(paired))
                       if paired else float("nan"))
         lines.append(f"{name}@{device}: {len(mine)} rows, time / builtin (geometric mean) "

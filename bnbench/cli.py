@@ -24,7 +24,8 @@ STYLE = {gate.V_PASS: "green", gate.V_FAIL: "bold red", gate.V_DEVIATION: "yello
 
 
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 160)
+    # soft_wrap: a long failure line stays one line in logs (greppable); tables still fit.
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
 def _cell(results: list[gate.Result]) -> tuple[str, str]:
@@ -307,7 +308,7 @@ def compare(baseline, new, threshold, per_case):
 @click.option("--sweep", "sweep_name", type=click.Choice(["quick", "full", "smoke"]),
               default="quick", show_default=True, help="Which benchmark sweep to run.")
 def run(name, reports_dir, impl_specs, devices, sweep_name):
-    """The main job: verify, then a quick benchmark, then a report, in reports/NAME/."""
+    """The main job: verify, a quick benchmark, BN against no BN, a report: reports/NAME/."""
     import socket
     from datetime import datetime
     from pathlib import Path
@@ -320,7 +321,7 @@ def run(name, reports_dir, impl_specs, devices, sweep_name):
     name = name or f"{socket.gethostname()}-{datetime.now():%Y%m%d-%H%M}"
     out = Path(reports_dir) / name
     console = _console()
-    console.print(f"[bold]1/3 verify[/] -> {out}/verify.json")
+    console.print(f"[bold]1/4 verify[/] -> {out}/verify.json")
     start = time.perf_counter()
     results = gate.run_gate(impls, specs, devices, all_cases())
     print_matrix(console, results, verbose=False)
@@ -329,17 +330,37 @@ def run(name, reports_dir, impl_specs, devices, sweep_name):
     gate.write_atomic(out / "verify.json", gate.to_json(results, gate.environment()))
     gate.write_atomic(out / "verify.xml", gate.to_junit(results))
     sweep = engine.SWEEPS[sweep_name]
-    console.print(f"[bold]2/3 bench[/] ({sweep.name} sweep) -> {out}/results.csv")
+    console.print(f"[bold]2/4 bench[/] ({sweep.name} sweep) -> {out}/results.csv")
     engine.run_sweep(impls, specs, devices, sweep, out)
     with open(out / "results.csv") as f:
         import csv
 
         for line in engine.summary_lines([engine.parse_row(r) for r in csv.DictReader(f)]):
             console.print(line, markup=False)
-    console.print("[bold]3/3 report[/]")
+    console.print("[bold]3/4 BatchNorm against no BatchNorm on digits[/]")
+    from bnbench.claim import SMOKE_STUDY, write_study
+
+    study = SMOKE_STUDY if sweep_name == "smoke" else None
+    for line in write_study(out, study) if study else write_study(out):
+        console.print(line, markup=False)
+    console.print("[bold]4/4 report[/]")
     path = write_report([str(out)], out)
     console.print(f"report: {path}")
     sys.exit(0 if all(r.ok for r in results) else 1)
+
+
+@main.command()
+@click.option("--output", type=click.Path(file_okay=False), required=True,
+              help="Directory for claim.csv and claim.json (a report of it shows the plot).")
+@click.option("--smoke", is_flag=True, help="One model, two seeds, 40 steps: seconds.")
+def claim(output, smoke):
+    """Measure whether BatchNorm speeds up training on scikit-learn's digits (with vs without)."""
+    from pathlib import Path
+
+    from bnbench.claim import QUICK_STUDY, SMOKE_STUDY, write_study
+
+    for line in write_study(Path(output), SMOKE_STUDY if smoke else QUICK_STUDY):
+        _console().print(line, markup=False)
 
 
 @main.command("list")

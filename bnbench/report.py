@@ -27,10 +27,10 @@ from bnbench.gate import write_atomic  # noqa: E402
 
 REQUIRED = ["implementation", "device", "dtype", "mode", "batch_size", "channels", "spatial",
             "shape", "memory_format", "status", "median_s"]
-KEY = ["implementation", "device", "dtype", "mode", "shape", "memory_format"]
+KEY = ["implementation", "device", "dtype", "mode", "shape", "memory_format", "model"]
 BENCH_SCHEMA = "bnbench.bench/1"
 VERIFY_SCHEMA = "bnbench.verify/1"
-MODES = ["forward_train", "forward_eval", "backward", "forward_backward"]
+MODES = ["forward_train", "forward_eval", "backward", "forward_backward", "train_step"]
 
 
 class ReportInputError(Exception):
@@ -46,6 +46,7 @@ class Results:
     samples: pd.DataFrame | None = None
     verify: dict | None = None
     kind: str = "bnbench"  # bnbench | pytest-benchmark
+    claim: tuple[list[dict], dict] | None = None  # claim.csv rows and claim.json
     notes: list[str] = field(default_factory=list)
 
 
@@ -72,6 +73,12 @@ def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
     return frame
 
 
+def _with_model_column(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows of BatchNorm layers have no model; older results have no model column at all."""
+    rows["model"] = rows["model"].fillna("").astype(str) if "model" in rows else ""
+    return rows
+
+
 def load_bench_dir(path: Path) -> Results:
     env = _read_json(path / "environment.json")
     if env.get("schema") != BENCH_SCHEMA:
@@ -87,7 +94,16 @@ def load_bench_dir(path: Path) -> Results:
         if verify.get("schema") != VERIFY_SCHEMA:
             raise ReportInputError(f"{path / 'verify.json'}: schema {verify.get('schema')!r}, "
                                    f"expected {VERIFY_SCHEMA!r}")
-    results = Results(path.name or str(path), path, rows, env, samples, verify)
+    results = Results(path.name or str(path), path, _with_model_column(rows), env, samples,
+                      verify)
+    if (path / "claim.json").is_file():
+        summary = _read_json(path / "claim.json")
+        if summary.get("schema") != "bnbench.claim/1":
+            raise ReportInputError(f"{path / 'claim.json'}: schema {summary.get('schema')!r}, "
+                                   "expected 'bnbench.claim/1'")
+        curve = _read_csv(path / "claim.csv", ["model", "batchnorm", "seed", "step",
+                                               "test_accuracy"])
+        results.claim = (curve.to_dict("records"), summary)
     if not env.get("complete", True):
         results.notes.append(f"{path}: the sweep was interrupted; {len(rows)} rows finished")
     return results
@@ -123,7 +139,7 @@ def load_pytest_benchmark(path: Path) -> Results:
                                "implementation/shape)")
     env = dict(data["machine_info"].get("bnbench") or {}, schema=BENCH_SCHEMA,
                source="pytest-benchmark", datetime=data.get("datetime"))
-    return Results(path.stem, path, pd.DataFrame(rows), env,
+    return Results(path.stem, path, _with_model_column(pd.DataFrame(rows)), env,
                    pd.DataFrame(samples) if samples else None, kind="pytest-benchmark")
 
 
@@ -147,8 +163,7 @@ def combine(results: list[Results]) -> pd.DataFrame:
             label = f"{label}#{seen[label]}"
             r.source = label
         frames.append(r.rows.assign(source=label))
-    frame = pd.concat(frames, ignore_index=True)
-    return frame
+    return pd.concat(frames, ignore_index=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +173,7 @@ def fastest_table(frame: pd.DataFrame) -> pd.DataFrame:
     ok = frame[frame.status == "ok"]
     if ok.empty:
         return pd.DataFrame()
-    keys = ["source", "device", "dtype", "mode", "shape", "memory_format"]
+    keys = ["source", "device", "dtype", "mode", "shape", "memory_format", "model"]
     best = ok.loc[ok.groupby(keys)["median_s"].idxmin()]
     builtin = ok[ok.implementation == "builtin"].set_index(keys)["median_s"]
     table = best[keys + ["implementation", "median_s"]].copy()
@@ -172,7 +187,7 @@ def fastest_table(frame: pd.DataFrame) -> pd.DataFrame:
 def speedup_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Geometric-mean time relative to builtin, per source, device, implementation and mode."""
     ok = frame[frame.status == "ok"]
-    keys = ["source", "device", "dtype", "mode", "shape", "memory_format"]
+    keys = ["source", "device", "dtype", "mode", "shape", "memory_format", "model"]
     builtin = ok[ok.implementation == "builtin"].set_index(keys)["median_s"]
     rows = []
     for (source, device, impl, mode), group in ok.groupby(["source", "device", "implementation",
@@ -228,7 +243,7 @@ def environment_table(results: list[Results]) -> pd.DataFrame:
 
 def _families(ok: pd.DataFrame):
     """Groups whose rows differ only by batch size and implementation."""
-    keys = ["source", "device", "dtype", "memory_format", "channels", "spatial"]
+    keys = ["source", "device", "dtype", "memory_format", "channels", "spatial", "model"]
     for values, group in ok.groupby(keys):
         if group["batch_size"].nunique() >= 2:
             yield dict(zip(keys, values)), group
@@ -236,8 +251,9 @@ def _families(ok: pd.DataFrame):
 
 def _title(family: dict) -> str:
     spatial = "" if family["spatial"] == "-" else f"x{family['spatial']}"
-    return (f"{family['source']}: {family['device']} {family['dtype']} {family['memory_format']}"
-            f", N x {family['channels']}{spatial}")
+    what = f"{family['model']} training step, " if family["model"] else ""
+    return (f"{family['source']}: {what}{family['device']} {family['dtype']} "
+            f"{family['memory_format']}, N x {family['channels']}{spatial}")
 
 
 def _plot_per_mode(family, group, value, ylabel, title, logy=True, hline=None):
@@ -270,7 +286,8 @@ def make_plots(frame: pd.DataFrame) -> list[tuple[str, str, plt.Figure]]:
     ok = frame[frame.status == "ok"].copy()
     plots = []
     for n, (family, group) in enumerate(_families(ok)):
-        stem = f"{n:02d}-{family['device']}-{family['dtype']}-{family['channels']}"
+        stem = (f"{n:02d}-{family['device']}-{family['dtype']}-"
+                f"{family['model'] or family['channels']}")
         plots.append((f"{stem}-time.png", "Time against batch size",
                       _plot_per_mode(family, group, lambda d: d["median_s"] * 1e3,
                                      "median time (ms, log)", "Time per call")))
@@ -386,7 +403,19 @@ def write_report(inputs: list[str], output: str | os.PathLike) -> Path:
         tables.append(("Rows that did not measure", problems[
             ["source", "implementation", "device", "mode", "shape", "dtype", "status",
              "message"]] if "message" in problems else problems[KEY + ["status"]]))
-    plots = [(name, caption, _png(fig)) for name, caption, fig in make_plots(frame)]
+    figures = make_plots(frame)
+    paragraphs: dict[str, list[str]] = {}
+    claims = [r for r in results if r.claim]
+    for r in claims:
+        from bnbench.claim import plot as claim_plot
+
+        rows, summary = r.claim
+        figures.append((f"claim-{r.source}.png", f"BatchNorm against no BatchNorm ({r.source})",
+                        claim_plot(rows, summary["study"]["target"])))
+        heading = f"BatchNorm against no BatchNorm on digits ({r.source})"
+        tables.append((heading, pd.DataFrame(summary["summary"])))
+        paragraphs[heading] = summary["conclusion"]
+    plots = [(name, caption, _png(fig)) for name, caption, fig in figures]
     for name, _, data in plots:
         _write_bytes_atomic(output / "plots" / name, data)
 
@@ -396,7 +425,8 @@ def write_report(inputs: list[str], output: str | os.PathLike) -> Path:
     md.append(f"{len(frame)} rows from {len(results)} source(s). Times are medians; "
               "`time_vs_builtin` < 1 means faster than nn.BatchNorm.\n")
     for heading, table in tables:
-        md += [f"\n## {heading}\n\n", _md(table)]
+        md += [f"\n## {heading}\n\n"] + [f"{line}\n\n" for line in paragraphs.get(heading, [])]
+        md.append(_md(table))
     md.append("\n## Plots\n")
     md += [f"\n### {caption}\n\n![{caption}](plots/{name})\n" for name, caption, _ in plots]
     write_atomic(output / "report.md", "".join(md))
@@ -405,6 +435,7 @@ def write_report(inputs: list[str], output: str | os.PathLike) -> Path:
                                                    for n in notes]
     for heading, table in tables:
         body.append(f"<h2>{html.escape(heading)}</h2>")
+        body += [f"<p>{html.escape(line)}</p>" for line in paragraphs.get(heading, [])]
         body.append(table.to_html(index=False, float_format=lambda v: f"{v:.3g}",
                                   na_rep="", border=0) if not table.empty else
                     "<p><em>nothing to show</em></p>")

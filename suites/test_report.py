@@ -182,4 +182,6 @@ def test_run_verifies_benchmarks_and_reports_into_reports_name(tmp_path):
                  "environment.json", "report.md", "report.html"):
         assert (out / name).is_file(), name
     assert result.stdout.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
-    assert "Correctness (bnbench verify)" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "Correctness (bnbench verify)" in text
+    assert "BatchNorm against no BatchNorm on digits" in text and (out / "claim.csv").is_file()
