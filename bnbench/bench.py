@@ -105,7 +105,14 @@ SMOKE = Sweep("smoke", budget_s=0.05, warmup_s=0.01, groups=(
     dict(models=("mlp_bn",), batch_sizes=(16,)),
 ))
 
-SWEEPS = {"quick": QUICK, "full": FULL, "smoke": SMOKE}
+# Large forward rows, where work (not call overhead) dominates: for checking the timer and the
+# regression gate against workloads of known relative cost.
+CALIBRATION = Sweep("calibration", budget_s=1.0, groups=(
+    dict(batch_sizes=(32,), channels=(64,), spatial=((56, 56),), dtypes=("float32",),
+         modes=("forward_eval", "forward_train")),
+))
+
+SWEEPS = {"quick": QUICK, "full": FULL, "smoke": SMOKE, "calibration": CALIBRATION}
 
 COLUMNS = [
     "implementation", "device", "dtype", "mode", "batch_size", "channels", "spatial", "rank",

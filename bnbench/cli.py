@@ -184,6 +184,19 @@ def verify(impl_specs, devices, case_patterns, json_path, junit_path, timeout, j
     sys.exit(0 if all(r.ok for r in results) else 1)
 
 
+def _print_bench_summary(console: Console, directory) -> list[dict]:
+    """Per implementation: time relative to builtin and to the floor; returns the rows."""
+    import csv
+
+    from bnbench import bench as engine
+
+    with open(directory / "results.csv") as f:
+        rows = [engine.parse_row(r) for r in csv.DictReader(f)]
+    for line in engine.summary_lines(rows):
+        console.print(line, markup=False)
+    return rows
+
+
 @main.command()
 @click.option("--impl", "impl_specs", multiple=True, metavar="NAME|MODULE:ATTR",
               help="Implementation to benchmark (as for verify). Repeatable. Default: all.")
@@ -194,6 +207,9 @@ def verify(impl_specs, devices, case_patterns, json_path, junit_path, timeout, j
 @click.option("--full", "sweep_name", flag_value="full", help="The full sweep.")
 @click.option("--smoke", "sweep_name", flag_value="smoke",
               help="A few rows in seconds, to try an implementation out.")
+@click.option("--calibration", "sweep_name", flag_value="calibration",
+              help="Two large forward rows where work dominates, for checking the timer and "
+                   "compare against a workload of known cost.")
 @click.option("--output", type=click.Path(file_okay=False), default="bench-results",
               show_default=True, help="Directory for results.csv, samples.csv, environment.json.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -228,12 +244,7 @@ def bench(impl_specs, devices, sweep_name, output, threads, timeout, no_verify):
         except KeyboardInterrupt:
             console.print(f"interrupted: the finished rows are in {output}/results.csv")
             sys.exit(130)
-    import csv
-
-    with open(Path(output) / "results.csv") as f:
-        rows = [engine.parse_row(r) for r in csv.DictReader(f)]
-    for line in engine.summary_lines(rows):
-        console.print(line, markup=False)
+    rows = _print_bench_summary(console, Path(output))
     bad = [r for r in rows if r["status"] not in ("ok", "not-supported")]
     for r in bad:
         console.print(f"[red]{r['status']}[/] {r['implementation']}@{r['device']} {r['mode']} "
@@ -332,11 +343,7 @@ def run(name, reports_dir, impl_specs, devices, sweep_name):
     sweep = engine.SWEEPS[sweep_name]
     console.print(f"[bold]2/4 bench[/] ({sweep.name} sweep) -> {out}/results.csv")
     engine.run_sweep(impls, specs, devices, sweep, out)
-    with open(out / "results.csv") as f:
-        import csv
-
-        for line in engine.summary_lines([engine.parse_row(r) for r in csv.DictReader(f)]):
-            console.print(line, markup=False)
+    _print_bench_summary(console, out)
     console.print("[bold]3/4 BatchNorm against no BatchNorm on digits[/]")
     from bnbench.claim import SMOKE_STUDY, write_study
 

@@ -179,12 +179,15 @@ def environment() -> dict:
     return env
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` so that a reader never sees a half-written file."""
+def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
+    """Write ``content`` so that a reader never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    if isinstance(content, bytes):
+        tmp.write_bytes(content)
+    else:
+        tmp.write_text(content, encoding="utf-8")
     os.replace(tmp, path)
 
 

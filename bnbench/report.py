@@ -345,8 +345,9 @@ def _forward_backward_split(ok: pd.DataFrame):
 
 
 def _compile_cost(ok: pd.DataFrame):
-    compiled = ok[(ok.implementation == "compiled") & ok.get("compile_s", pd.Series(
-        dtype=float)).notna()] if "compile_s" in ok else pd.DataFrame()
+    if "compile_s" not in ok:  # pytest-benchmark results have no compile time
+        return None
+    compiled = ok[(ok.implementation == "compiled") & ok["compile_s"].notna()]
     if compiled.empty:
         return None
     compiled = compiled.sort_values(["device", "mode", "batch_size"])
@@ -373,12 +374,6 @@ def _png(fig) -> bytes:
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
     return buffer.getvalue()
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _md(frame: pd.DataFrame) -> str:
@@ -417,7 +412,7 @@ def write_report(inputs: list[str], output: str | os.PathLike) -> Path:
         paragraphs[heading] = summary["conclusion"]
     plots = [(name, caption, _png(fig)) for name, caption, fig in figures]
     for name, _, data in plots:
-        _write_bytes_atomic(output / "plots" / name, data)
+        write_atomic(output / "plots" / name, data)
 
     notes = [n for r in results for n in r.notes]
     title = "bnbench report: " + ", ".join(r.source for r in results)

@@ -101,21 +101,8 @@ def measure(step: Callable[[int], object], device: str, *, prepare: Callable[[in
         return time.perf_counter() - begin
 
     def run_prepared() -> float:
-        nonlocal calls
-        prepare(calls)
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(calls)
-            end.record()
-            torch.cuda.synchronize()
-            calls += 1
-            return start.elapsed_time(end) / 1e3
-        begin = time.perf_counter()
-        step(calls)
-        elapsed = time.perf_counter() - begin
-        calls += 1
-        return elapsed
+        prepare(calls)  # outside the block: untimed
+        return run_block(1)
 
     samples = Samples()
     # Warm-up: at least three calls and warmup_s of work; estimates the per-call time.

@@ -96,7 +96,7 @@ def test_compare_real_runs_identical_code_passes_and_2x_is_flagged(tmp_path):
     def run(directory, body):
         directory.mkdir()
         (directory / "candidate.py").write_text(body)
-        result = bnbench("bench", "--impl", "candidate:impl", "--smoke", "--no-verify",
+        result = bnbench("bench", "--impl", "candidate:impl", "--calibration", "--no-verify",
                          "--output", str(directory / "out"), cwd=directory)
         assert result.returncode == 0, result.stdout + result.stderr
         return directory / "out"
