@@ -57,6 +57,7 @@ def test_bench_writes_results_samples_and_environment(tmp_path):
     assert {int(s["row"]) for s in samples} >= {0, 1, 2, 3}
     env = json.loads((out / "environment.json").read_text())
     assert env["complete"] is True and env["threads"] >= 1 and env["torch"]
+    assert env["processor"] and env["processor"] not in ("x86_64", "aarch64")  # a model name
 
 
 def test_misbehaving_rows_are_recorded_and_the_sweep_goes_on(tmp_path):
