@@ -75,7 +75,10 @@ def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
 
 def _with_model_column(rows: pd.DataFrame) -> pd.DataFrame:
     """Rows of BatchNorm layers have no model; older results have no model column at all."""
-    rows["model"] = rows["model"].fillna("").astype(str) if "model" in rows else ""
+    if "model" in rows:  # an all-empty column reads back as float NaN
+        rows["model"] = rows["model"].astype(object).where(rows["model"].notna(), "").astype(str)
+    else:
+        rows["model"] = ""
     return rows
 
 

@@ -64,7 +64,7 @@ def test_misbehaving_rows_are_recorded_and_the_sweep_goes_on(tmp_path):
     (tmp_path / "flaky.py").write_text(MISBEHAVING)
     out = tmp_path / "b"
     result = bnbench("bench", "--impl", "flaky:Flaky", "--impl", "builtin", "--smoke",
-                     "--output", str(out), "--timeout", "10", "--no-verify", cwd=tmp_path)
+                     "--output", str(out), "--timeout", "5", "--no-verify", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = {(r["implementation"], r["mode"], r["shape"]): r for r in read(out / "results.csv")}
     flaky = "flaky:Flaky"

@@ -2,14 +2,14 @@
 
 import json
 
-from test_cli import bnbench
+from test_cli import in_process
 
 from bnbench.claim import SMOKE_STUDY, conclusion, run_one, summarize, without_batchnorm
 from bnbench.zoo import build
 
 
 def test_claim_command_writes_curves_summary_and_conclusion(tmp_path):
-    result = bnbench("claim", "--smoke", "--output", str(tmp_path))
+    result = in_process("claim", "--smoke", "--output", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((tmp_path / "claim.json").read_text())
     assert summary["schema"] == "bnbench.claim/1"

@@ -23,6 +23,22 @@ def bnbench(*args, cwd=None, pythonpath=(), timeout=600):
                           text=True, cwd=cwd, env=env, timeout=timeout)
 
 
+def in_process(*args):
+    """The CLI in this process (no interpreter start-up): for commands that spawn no workers.
+    Returns what ``bnbench`` returns: returncode, stdout, stderr."""
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from bnbench.cli import main
+
+    result = CliRunner().invoke(main, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout,
+                           stderr=result.stderr)
+
+
 def test_passing_run_exits_0_and_writes_json_and_junit(tmp_path):
     result = bnbench("verify", "--impl", "builtin", "--impl", "catalogue:PlainBatchNorm",
                      "--device", "cpu", "--case", "default", "--case", "wrong_rank",

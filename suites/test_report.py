@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from test_cli import bnbench
+from test_cli import bnbench, in_process
 
 from bnbench.bench import COLUMNS, to_csv
 from bnbench.gate import write_atomic
@@ -64,7 +64,7 @@ def make_results(directory, slowdown=None, drift_seed=None, per_case=None, sampl
 def test_report_writes_markdown_self_contained_html_and_plots(tmp_path):
     a = make_results(tmp_path / "machine-a")
     b = make_results(tmp_path / "machine-b", slowdown=("vectorized", 0.5))
-    result = bnbench("report", str(a), str(b), "--output", str(tmp_path / "r"))
+    result = in_process("report", str(a), str(b), "--output", str(tmp_path / "r"))
     assert result.returncode == 0, result.stdout + result.stderr
     page = (tmp_path / "r" / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 5
@@ -91,7 +91,7 @@ def test_report_reads_pytest_benchmark_json(tmp_path):
         for impl, t in (("builtin", 1e-4), ("vectorized", 2e-4)) for batch in (8, 64)]}
     path = tmp_path / "pb.json"
     path.write_text(json.dumps(data))
-    result = bnbench("report", str(path), "--output", str(tmp_path / "r"))
+    result = in_process("report", str(path), "--output", str(tmp_path / "r"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "vectorized" in (tmp_path / "r" / "report.md").read_text()
 
@@ -109,7 +109,7 @@ def test_unusable_input_gets_a_clear_error_naming_the_file(tmp_path, damage, mes
     damage(d)
     for args in (["report", str(d), "--output", str(tmp_path / "r")],
                  ["compare", str(make_results(tmp_path / "ok")), str(d)]):
-        result = bnbench(*args)
+        result = in_process(*args)
         assert result.returncode == 2, result.stdout + result.stderr
         assert message in result.stderr and "broken" in result.stderr
 
@@ -131,7 +131,7 @@ def test_compare_identical_code_with_this_machines_drift_is_not_flagged(tmp_path
     base = make_results(tmp_path / "a", drift_seed=11)
     for seed in (12, 13, 14, 15):
         new = make_results(tmp_path / f"b{seed}", drift_seed=seed)
-        result = bnbench("compare", str(base), str(new))
+        result = in_process("compare", str(base), str(new))
         assert result.returncode == 0, result.stdout
         assert "no regression" in result.stdout
 
@@ -139,7 +139,7 @@ def test_compare_identical_code_with_this_machines_drift_is_not_flagged(tmp_path
 def test_compare_flags_a_2x_slowdown(tmp_path):
     base = make_results(tmp_path / "a", drift_seed=11)
     new = make_results(tmp_path / "b", drift_seed=12, slowdown=("vectorized", 2.0))
-    result = bnbench("compare", str(base), str(new))
+    result = in_process("compare", str(base), str(new))
     assert result.returncode == 1, result.stdout
     lines = result.stdout.splitlines()
     row = next(text for text in lines if "vectorized" in text and "cpu" in text)
@@ -150,16 +150,16 @@ def test_compare_flags_a_2x_slowdown(tmp_path):
 def test_per_case_gate_and_threshold(tmp_path):
     base = make_results(tmp_path / "a")
     new = make_results(tmp_path / "b", per_case=(("builtin", "backward", 64), 3.0))
-    assert bnbench("compare", str(base), str(new)).returncode == 0  # one case in 16
-    assert bnbench("compare", str(base), str(new), "--per-case").returncode == 1
-    assert bnbench("compare", str(base), str(new), "--per-case", "--threshold",
+    assert in_process("compare", str(base), str(new)).returncode == 0  # one case in 16
+    assert in_process("compare", str(base), str(new), "--per-case").returncode == 1
+    assert in_process("compare", str(base), str(new), "--per-case", "--threshold",
                    "250").returncode == 0
 
 
 def test_compare_without_samples_uses_the_spreads(tmp_path):
     base = make_results(tmp_path / "a", samples=False)
     new = make_results(tmp_path / "b", samples=False, slowdown=("compiled", 2.0))
-    result = bnbench("compare", str(base), str(new))
+    result = in_process("compare", str(base), str(new))
     assert result.returncode == 1 and "p20/p80" in result.stdout
 
 
@@ -169,7 +169,7 @@ def test_compare_with_nothing_in_common_is_unusable_input(tmp_path):
     make_results(other)
     text = (other / "results.csv").read_text().replace("x64x28x28", "x32x28x28")
     (other / "results.csv").write_text(text)
-    result = bnbench("compare", str(base), str(other))
+    result = in_process("compare", str(base), str(other))
     assert result.returncode == 2 and "no measured row matches" in result.stderr
 
 
