@@ -39,8 +39,8 @@ def _generator(case: Case, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(case.seed * 1000 + salt)
 
 
-def make_input(case: Case, step: int, device: str, shape=None) -> torch.Tensor:
-    shape = tuple(case.shape if shape is None else shape)
+def make_input(case: Case, step: int, device: str) -> torch.Tensor:
+    shape = tuple(case.shape)
     g = _generator(case, step)
     channels = shape[1]
     view = (1, channels) + (1,) * (len(shape) - 2)

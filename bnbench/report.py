@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bnbench.bench import MODES as BENCH_MODES  # noqa: E402
 from bnbench.gate import write_atomic  # noqa: E402
 
 REQUIRED = ["implementation", "device", "dtype", "mode", "batch_size", "channels", "spatial",
@@ -30,7 +31,8 @@ REQUIRED = ["implementation", "device", "dtype", "mode", "batch_size", "channels
 KEY = ["implementation", "device", "dtype", "mode", "shape", "memory_format", "model"]
 BENCH_SCHEMA = "bnbench.bench/1"
 VERIFY_SCHEMA = "bnbench.verify/1"
-MODES = ["forward_train", "forward_eval", "backward", "forward_backward", "train_step"]
+# The layer modes, then a whole model's training step, in plotting order.
+MODES = [*BENCH_MODES, "train_step"]
 
 
 class ReportInputError(Exception):
