@@ -14,16 +14,18 @@ import torch
 from torch import nn
 
 from bnbench.cases import Case
-from bnbench.compare import compare_tensors, working_dtype
 from bnbench.reference import ReferenceBatchNorm
 from bnbench.registry import RANK_TO_BUILTIN, Implementation, _default_state
+from bnbench.results import Verdict
+from bnbench.tolerances import compare_tensors, working_dtype
 
-PASS, FAIL, UNSUPPORTED = "pass", "fail", "unsupported"
+# A raw outcome, before the implementation's declared deviations are applied.
+PASS, FAIL, UNSUPPORTED = Verdict.PASS, Verdict.FAIL, Verdict.NOT_SUPPORTED
 
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # pass | fail | unsupported
+    status: str  # PASS | FAIL | UNSUPPORTED
     message: str = ""
 
 
@@ -34,6 +36,7 @@ class CheckFailed(Exception):
 # ---------------------------------------------------------------------------------------------
 # Inputs: deterministic per case and step, with per-channel offsets and scales, one channel of
 # small variance (so eps matters) and non-trivial weight, bias and running statistics.
+
 
 def _generator(case: Case, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(case.seed * 1000 + salt)
@@ -78,6 +81,11 @@ def make_params(case: Case) -> dict[str, torch.Tensor]:
     }
 
 
+def make_module(impl: Implementation, case: Case, device: str) -> nn.Module:
+    kwargs = case.module_kwargs() if case.explicit_kwargs else None
+    return impl.make(case.config(device), case.num_features, explicit_kwargs=kwargs)
+
+
 def _set(tensor: torch.Tensor | None, value: torch.Tensor, what: str) -> None:
     if tensor is None:
         raise CheckFailed(f"cannot set {what}: the module has none")
@@ -86,8 +94,9 @@ def _set(tensor: torch.Tensor | None, value: torch.Tensor, what: str) -> None:
 
 
 def _reference(case: Case) -> ReferenceBatchNorm:
-    return ReferenceBatchNorm(case.num_features, case.eps, case.momentum, case.affine,
-                              case.track_running_stats)
+    return ReferenceBatchNorm(
+        case.num_features, case.eps, case.momentum, case.affine, case.track_running_stats
+    )
 
 
 def _init_module_and_reference(impl: Implementation, case: Case, module: nn.Module):
@@ -111,6 +120,7 @@ def _init_module_and_reference(impl: Implementation, case: Case, module: nn.Modu
 # ---------------------------------------------------------------------------------------------
 # Runners, one per case kind. Each returns a list of problems (empty: pass).
 
+
 def _memory_format(case: Case, ndim: int):
     if case.memory_format != "channels_last":
         return None
@@ -133,9 +143,9 @@ def _check_state(impl, case, module, ref, problems):
                 problems.append(f"{name}: dtype {actual.dtype}, expected {case.module_dtype}")
             if not raw and actual.numel() == expected.numel():
                 actual = actual.reshape(expected.shape)
-        problem = compare_tensors(name, actual, expected, working_dtype(case.dtype,
-                                                                       case.module_dtype),
-                                  statistics=True)
+        problem = compare_tensors(
+            name, actual, expected, working_dtype(case.dtype, case.module_dtype), statistics=True
+        )
         if problem:
             problems.append(problem)
     actual_nbt, expected_nbt = state["num_batches_tracked"], ref.num_batches_tracked
@@ -143,23 +153,27 @@ def _check_state(impl, case, module, ref, problems):
         if actual_nbt is not None:
             problems.append("num_batches_tracked: expected None (track_running_stats=False)")
     elif not isinstance(actual_nbt, torch.Tensor):
-        problems.append(f"num_batches_tracked: is {actual_nbt!r}, expected a 0-dim int64 tensor "
-                        f"equal to {expected_nbt}")
+        problems.append(
+            f"num_batches_tracked: is {actual_nbt!r}, expected a 0-dim int64 tensor "
+            f"equal to {expected_nbt}"
+        )
     elif actual_nbt.dtype != torch.int64 or actual_nbt.dim() != 0:
-        problems.append(f"num_batches_tracked: dtype {actual_nbt.dtype} shape "
-                        f"{tuple(actual_nbt.shape)}, expected a 0-dim int64 tensor")
+        problems.append(
+            f"num_batches_tracked: dtype {actual_nbt.dtype} shape "
+            f"{tuple(actual_nbt.shape)}, expected a 0-dim int64 tensor"
+        )
     elif int(actual_nbt) != expected_nbt:
         problems.append(f"num_batches_tracked: {int(actual_nbt)}, expected {expected_nbt}")
 
 
 def run_steps(impl: Implementation, case: Case, device: str) -> list[str]:
-    module = impl.make(case, device)
+    module = make_module(impl, case, device)
     ref = _init_module_and_reference(impl, case, module)
     raw = impl.state is _default_state
     for i, step in enumerate(case.steps):
         problems: list[str] = []
         if case.stop_tracking_after == i:
-            module.track_running_stats = False
+            setattr(module, "track_running_stats", False)  # noqa: B010 (nn.Module attribute)
             ref.stop_tracking()
         training = step.startswith("train")
         grad_enabled = not step.endswith("nograd")
@@ -203,13 +217,17 @@ def run_steps(impl: Implementation, case: Case, device: str) -> list[str]:
                 y.backward(grad_out)
             except Exception as exc:
                 raise CheckFailed(f"step {i} ({step}): backward raised {_describe(exc)}") from exc
-            expected = torch.autograd.grad(y_ref, ref_inputs, grad_out.to("cpu", torch.float64),
-                                           allow_unused=True)
+            expected = torch.autograd.grad(
+                y_ref, ref_inputs, grad_out.to("cpu", torch.float64), allow_unused=True
+            )
             problem = compare_tensors("input grad", x_in.grad, expected[0], case.dtype)
             if problem:
                 problems.append(problem)
-            if fmt is not None and x_in.grad is not None and not x_in.grad.is_contiguous(
-                    memory_format=fmt):
+            if (
+                fmt is not None
+                and x_in.grad is not None
+                and not x_in.grad.is_contiguous(memory_format=fmt)
+            ):
                 problems.append(f"input grad: not in the input's memory format {fmt}")
             if case.affine:
                 state = impl.state(module)
@@ -218,12 +236,14 @@ def run_steps(impl: Implementation, case: Case, device: str) -> list[str]:
                     actual = None if param is None else param.grad
                     if actual is not None:
                         if actual.dtype != case.module_dtype:
-                            problems.append(f"{name} grad: dtype {actual.dtype}, expected "
-                                            f"{case.module_dtype}")
+                            problems.append(
+                                f"{name} grad: dtype {actual.dtype}, expected {case.module_dtype}"
+                            )
                         if not raw:
                             actual = actual.reshape(exp.shape)
-                    problem = compare_tensors(f"{name} grad", actual, exp,
-                                              working_dtype(case.dtype, case.module_dtype))
+                    problem = compare_tensors(
+                        f"{name} grad", actual, exp, working_dtype(case.dtype, case.module_dtype)
+                    )
                     if problem:
                         problems.append(problem)
             ref.weight = ref.weight.detach() if case.affine else None
@@ -238,7 +258,7 @@ def run_steps(impl: Implementation, case: Case, device: str) -> list[str]:
 
 
 def run_gradcheck(impl: Implementation, case: Case, device: str) -> list[str]:
-    module = impl.make(case, device)
+    module = make_module(impl, case, device)
     _init_module_and_reference(impl, case, module)
     module.train(case.steps[0] == "train")
     names, params = zip(*module.named_parameters()) if case.affine else ((), ())
@@ -276,8 +296,9 @@ def _expect_defaults(module, case, problems, keep_params=False):
         for name, value in (("weight", 1.0), ("bias", 0.0)):
             tensor = getattr(module, name, None)
             if not isinstance(tensor, nn.Parameter) or params.get(name) is not tensor:
-                problems.append(f"{name}: expected a registered nn.Parameter, got "
-                                f"{type(tensor).__name__}")
+                problems.append(
+                    f"{name}: expected a registered nn.Parameter, got {type(tensor).__name__}"
+                )
             _expect_equal(problems, name, tensor, value, case, (c,))
     if case.track_running_stats:
         buffers = dict(module.named_buffers())
@@ -294,7 +315,7 @@ def _expect_defaults(module, case, problems, keep_params=False):
 
 
 def run_defaults(impl: Implementation, case: Case, device: str) -> list[str]:
-    module = impl.make(case, device)
+    module = make_module(impl, case, device)
     problems: list[str] = []
     _expect_defaults(module, case, problems)
     params = dict(module.named_parameters())
@@ -336,28 +357,29 @@ def _train_steps(module, case, device, steps=3):
 
 
 def run_reset(impl: Implementation, case: Case, device: str) -> list[str]:
-    module = impl.make(case, device)
+    module = make_module(impl, case, device)
     _init_module_and_reference(impl, case, module)
     _train_steps(module, case, device)
-    weight_before = module.weight.detach().clone()
+    weight_before = torch.as_tensor(module.weight).detach().clone()
     problems: list[str] = []
     if not hasattr(module, "reset_running_stats") or not hasattr(module, "reset_parameters"):
         return ["reset_running_stats() / reset_parameters(): missing"]
-    module.reset_running_stats()
+    getattr(module, "reset_running_stats")()  # noqa: B009 (checked above)
     _expect_defaults(module, case, problems, keep_params=True)
-    if not torch.equal(module.weight.detach(), weight_before):
+    if not torch.equal(torch.as_tensor(module.weight).detach(), weight_before):
         problems.append("reset_running_stats(): changed the weight")
     problems = [f"after reset_running_stats(): {p}" for p in problems]
     _train_steps(module, case, device)
-    module.reset_parameters()
+    getattr(module, "reset_parameters")()  # noqa: B009 (checked above)
     after: list[str] = []
     _expect_defaults(module, case, after)
     return problems + [f"after reset_parameters(): {p}" for p in after]
 
 
 def _builtin_twin(case: Case, device: str) -> nn.Module:
-    return RANK_TO_BUILTIN[case.rank](case.num_features, device=device, dtype=case.module_dtype,
-                                      **case.module_kwargs())
+    return RANK_TO_BUILTIN[case.rank](
+        case.num_features, device=device, dtype=case.module_dtype, **case.module_kwargs()
+    )
 
 
 def run_state_dict(impl: Implementation, case: Case, device: str) -> list[str]:
@@ -367,7 +389,7 @@ def run_state_dict(impl: Implementation, case: Case, device: str) -> list[str]:
     _init_module_and_reference(_BUILTIN_TWIN, case, source)
     _train_steps(source, case, device)
     source_sd = source.state_dict()
-    module = impl.make(case, device)
+    module = make_module(impl, case, device)
     try:
         module.load_state_dict(source_sd, strict=True)
     except Exception as exc:
@@ -395,7 +417,7 @@ def run_state_dict(impl: Implementation, case: Case, device: str) -> list[str]:
             if problem:
                 problems.append(problem)
     # implementation -> nn.BatchNorm
-    module = impl.make(case, device)
+    module = make_module(impl, case, device)
     _init_module_and_reference(impl, case, module)
     _train_steps(module, case, device)
     module_sd = module.state_dict()
@@ -403,8 +425,9 @@ def run_state_dict(impl: Implementation, case: Case, device: str) -> list[str]:
     try:
         target.load_state_dict(module_sd, strict=True)
     except Exception as exc:
-        problems.append(f"nn.BatchNorm.load_state_dict(implementation's state_dict) raised "
-                        f"{_describe(exc)}")
+        problems.append(
+            f"nn.BatchNorm.load_state_dict(implementation's state_dict) raised {_describe(exc)}"
+        )
     else:
         for key, value in target.state_dict().items():
             if not torch.equal(value.cpu(), module_sd[key].cpu()):
@@ -413,11 +436,13 @@ def run_state_dict(impl: Implementation, case: Case, device: str) -> list[str]:
 
 
 # nn.BatchNorm as a state_dict counterpart only: never an oracle.
-_BUILTIN_TWIN = Implementation(name="nn.BatchNorm", factory=RANK_TO_BUILTIN.__getitem__)
+_BUILTIN_TWIN = Implementation(
+    name="nn.BatchNorm", factory=lambda rank, c, **kw: RANK_TO_BUILTIN[rank](c, **kw)
+)
 
 
 def run_error(impl: Implementation, case: Case, device: str) -> list[str]:
-    module = impl.make(case, device)
+    module = make_module(impl, case, device)
     module.train(case.steps[0] == "train")
     x = make_input(case, 0, device)
     try:
@@ -459,7 +484,7 @@ def _where(exc: BaseException) -> str:
 
 def run_case(impl: Implementation, case: Case, device: str) -> Outcome:
     """Run ``case`` on ``impl``: a misbehaving implementation gives a failure, never raises."""
-    reasons = impl.not_supported_reasons(case, device)
+    reasons = impl.not_supported_reasons(case.config(device))
     if reasons:
         return Outcome(UNSUPPORTED, "; ".join(reasons))
     try:

@@ -9,16 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import re
-import socket
-import subprocess
 import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -27,11 +21,7 @@ from bnbench.cases import Case
 from bnbench.checks import FAIL, PASS, UNSUPPORTED, Outcome, run_case
 from bnbench.isolation import run_items
 from bnbench.registry import Implementation
-
-# Verdicts: what an outcome means once the implementation's declarations are applied.
-V_PASS, V_FAIL, V_DEVIATION, V_UNEXPECTED_PASS, V_UNSUPPORTED = (
-    "pass", "fail", "deviation", "unexpected-pass", "not-supported")
-BAD_VERDICTS = (V_FAIL, V_UNEXPECTED_PASS)
+from bnbench.results import BAD_VERDICTS, VERIFY_SCHEMA, Verdict
 
 
 @dataclass
@@ -42,7 +32,7 @@ class Result:
     check: str
     rank: int
     description: str
-    verdict: str
+    verdict: Verdict
     message: str
     seconds: float
 
@@ -51,16 +41,19 @@ class Result:
         return self.verdict not in BAD_VERDICTS
 
 
-def verdict(impl: Implementation, case: Case, outcome: Outcome) -> tuple[str, str]:
+def verdict(impl: Implementation, case: Case, outcome: Outcome) -> tuple[Verdict, str]:
     """Apply declared deviations: (verdict, message)."""
     if outcome.status == UNSUPPORTED:
-        return V_UNSUPPORTED, outcome.message
+        return Verdict.NOT_SUPPORTED, outcome.message
     reason = impl.deviation_for(case.id)
     if reason is None:
-        return (V_PASS, "") if outcome.status == PASS else (V_FAIL, outcome.message)
+        return (Verdict.PASS, "") if outcome.status == PASS else (Verdict.FAIL, outcome.message)
     if outcome.status == PASS:
-        return V_UNEXPECTED_PASS, f"declared deviation passed (remove the declaration?): {reason}"
-    return V_DEVIATION, f"{reason}\n{outcome.message}"
+        return (
+            Verdict.UNEXPECTED_PASS,
+            f"declared deviation passed (remove the declaration?): {reason}",
+        )
+    return Verdict.DEVIATION, f"{reason}\n{outcome.message}"
 
 
 def available_devices() -> list[str]:
@@ -69,6 +62,7 @@ def available_devices() -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # Worker process
+
 
 def _gate_worker(spec: str, device: str, threads: int, *, items: list[str], channel) -> None:
     torch.set_num_threads(threads)
@@ -81,12 +75,24 @@ def _gate_worker(spec: str, device: str, threads: int, *, items: list[str], chan
         channel.start(case_id)
         start = time.perf_counter()
         outcome = run_case(impl, cases[case_id], device)
-        channel.done(case_id, {"status": outcome.status, "message": outcome.message,
-                               "seconds": time.perf_counter() - start})
+        channel.done(
+            case_id,
+            {
+                "status": outcome.status,
+                "message": outcome.message,
+                "seconds": time.perf_counter() - start,
+            },
+        )
 
 
-def run_isolated(spec: str, device: str, case_ids: list[str], timeout: float, threads: int,
-                 on_result: Callable[[str, Outcome, float], None]) -> None:
+def run_isolated(
+    spec: str,
+    device: str,
+    case_ids: list[str],
+    timeout: float,
+    threads: int,
+    on_result: Callable[[str, Outcome, float], None],
+) -> None:
     """Run cases in a worker process; a hang or a crash fails that case, not the run."""
 
     def received(case_id, result, problem, seconds):
@@ -98,10 +104,17 @@ def run_isolated(spec: str, device: str, case_ids: list[str], timeout: float, th
     run_items(_gate_worker, (spec, device, threads), case_ids, timeout, received)
 
 
-def run_gate(impls: list[Implementation], specs: list[str], devices: list[str],
-             cases: list[Case], *, timeout: float = 120.0, jobs: int | None = None,
-             isolate: bool = True, progress: Callable[[Result], None] | None = None
-             ) -> list[Result]:
+def run_gate(
+    impls: list[Implementation],
+    specs: list[str],
+    devices: list[str],
+    cases: list[Case],
+    *,
+    timeout: float = 120.0,
+    jobs: int | None = None,
+    isolate: bool = True,
+    progress: Callable[[Result], None] | None = None,
+) -> list[Result]:
     """Every case for every (implementation, device); results in a stable order."""
     jobs = jobs or max(1, min(len(impls) * len(devices), os.cpu_count() or 1))
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -111,8 +124,17 @@ def run_gate(impls: list[Implementation], specs: list[str], devices: list[str],
     def record(impl: Implementation, device: str, case_id: str, outcome: Outcome, seconds: float):
         case = by_id[case_id]
         v, message = verdict(impl, case, outcome)
-        result = Result(impl.name, device, case.id, case.check, case.rank, case.description, v,
-                        message, round(seconds, 4))
+        result = Result(
+            impl.name,
+            device,
+            case.id,
+            case.check,
+            case.rank,
+            case.description,
+            v,
+            message,
+            round(seconds, 4),
+        )
         results[(impl.name, device, case.id)] = result
         if progress:
             progress(result)
@@ -122,7 +144,7 @@ def run_gate(impls: list[Implementation], specs: list[str], devices: list[str],
         for device in devices:
             runnable = []
             for case in cases:
-                reasons = impl.not_supported_reasons(case, device)
+                reasons = impl.not_supported_reasons(case.config(device))
                 if reasons:
                     record(impl, device, case.id, Outcome(UNSUPPORTED, "; ".join(reasons)), 0.0)
                 else:
@@ -147,60 +169,14 @@ def run_gate(impls: list[Implementation], specs: list[str], devices: list[str],
 
     case_order = {c.id: i for i, c in enumerate(cases)}
     impl_order = {impl.name: i for i, impl in enumerate(impls)}
-    return sorted(results.values(), key=lambda r: (impl_order[r.implementation],
-                                                   devices.index(r.device), case_order[r.case]))
+    return sorted(
+        results.values(),
+        key=lambda r: (impl_order[r.implementation], devices.index(r.device), case_order[r.case]),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # What gets written
-
-def environment() -> dict:
-    try:
-        revision = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                  timeout=5, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        revision = ""
-    if not re.fullmatch(r"[0-9a-f]{40}", revision):  # not a checkout, or no commit yet
-        revision = None
-    env = {
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": socket.gethostname(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "git_revision": revision,
-    }
-    return env
-
-
-def _cpu_model() -> str:
-    """The CPU's model name (platform.processor() is empty on Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
-    """Write ``content`` so that a reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if isinstance(content, bytes):
-        tmp.write_bytes(content)
-    else:
-        tmp.write_text(content, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def to_json(results: Iterable[Result], env: dict) -> str:
@@ -210,9 +186,16 @@ def to_json(results: Iterable[Result], env: dict) -> str:
         key = f"{r.implementation}@{r.device}"
         summary.setdefault(key, {})
         summary[key][r.verdict] = summary[key].get(r.verdict, 0) + 1
-    return json.dumps({"schema": "bnbench.verify/1", "environment": env,
-                       "ok": all(r.ok for r in results), "summary": summary,
-                       "results": [asdict(r) for r in results]}, indent=2)
+    return json.dumps(
+        {
+            "schema": VERIFY_SCHEMA,
+            "environment": env,
+            "ok": all(r.ok for r in results),
+            "summary": summary,
+            "results": [asdict(r) for r in results],
+        },
+        indent=2,
+    )
 
 
 def to_junit(results: Iterable[Result]) -> str:
@@ -223,21 +206,32 @@ def to_junit(results: Iterable[Result]) -> str:
         groups.setdefault(f"{r.implementation}@{r.device}", []).append(r)
     for name, group in groups.items():
         suite = ET.SubElement(
-            suites, "testsuite", name=name, tests=str(len(group)),
+            suites,
+            "testsuite",
+            name=name,
+            tests=str(len(group)),
             failures=str(sum(r.verdict in BAD_VERDICTS for r in group)),
-            skipped=str(sum(r.verdict in (V_UNSUPPORTED, V_DEVIATION) for r in group)),
-            time=f"{sum(r.seconds for r in group):.3f}")
+            skipped=str(
+                sum(r.verdict in (Verdict.NOT_SUPPORTED, Verdict.DEVIATION) for r in group)
+            ),
+            time=f"{sum(r.seconds for r in group):.3f}",
+        )
         for r in group:
-            tc = ET.SubElement(suite, "testcase", classname=f"bnbench.{name}", name=r.case,
-                               time=f"{r.seconds:.4f}")
+            tc = ET.SubElement(
+                suite, "testcase", classname=f"bnbench.{name}", name=r.case, time=f"{r.seconds:.4f}"
+            )
             if r.verdict in BAD_VERDICTS:
                 first = r.message.splitlines()[0] if r.message else r.verdict
-                ET.SubElement(tc, "failure", message=f"{r.verdict}: {first}"[:500],
-                              type=r.verdict).text = r.message
-            elif r.verdict == V_UNSUPPORTED:
+                ET.SubElement(
+                    tc, "failure", message=f"{r.verdict}: {first}"[:500], type=r.verdict
+                ).text = r.message
+            elif r.verdict == Verdict.NOT_SUPPORTED:
                 ET.SubElement(tc, "skipped", message=f"not supported: {r.message}"[:500])
-            elif r.verdict == V_DEVIATION:
-                ET.SubElement(tc, "skipped", message=("declared deviation: "
-                                                      + r.message.splitlines()[0])[:500])
+            elif r.verdict == Verdict.DEVIATION:
+                ET.SubElement(
+                    tc,
+                    "skipped",
+                    message=("declared deviation: " + r.message.splitlines()[0])[:500],
+                )
     ET.indent(suites)
     return ET.tostring(suites, encoding="unicode", xml_declaration=True)

@@ -34,8 +34,13 @@ def _entry(target, args, items, conn) -> None:
     conn.close()
 
 
-def run_items(target: Callable[..., None], args: tuple, items: list[str], timeout: float,
-              on_result: Callable[[str, dict | None, str | None, float], None]) -> None:
+def run_items(
+    target: Callable[..., None],
+    args: tuple,
+    items: list[str],
+    timeout: float,
+    on_result: Callable[[str, dict | None, str | None, float], None],
+) -> None:
     """Run ``target(*args, items=..., channel=...)`` in a spawned worker until every item has a
     result. ``on_result(item, result, problem, seconds)``: result is what the worker sent, or
     None with ``problem`` saying why (hung, crashed)."""
@@ -54,8 +59,12 @@ def run_items(target: Callable[..., None], args: tuple, items: list[str], timeou
                 if not receiver.poll(wait):
                     victim = current or remaining[0]
                     process.kill()
-                    on_result(victim, None, f"hung: no result within {timeout:g} s (worker "
-                              "killed)", time.perf_counter() - started)
+                    on_result(
+                        victim,
+                        None,
+                        f"hung: no result within {timeout:g} s (worker killed)",
+                        time.perf_counter() - started,
+                    )
                     remaining.remove(victim)
                     break
                 try:
@@ -63,8 +72,10 @@ def run_items(target: Callable[..., None], args: tuple, items: list[str], timeou
                 except (EOFError, OSError):
                     process.join(5)
                     victim = current or remaining[0]
-                    problem = (f"crashed: the worker process died (exit code {process.exitcode})"
-                               " during this item")
+                    problem = (
+                        f"crashed: the worker process died (exit code {process.exitcode})"
+                        " during this item"
+                    )
                     on_result(victim, None, problem, time.perf_counter() - started)
                     remaining.remove(victim)
                     break
@@ -72,8 +83,9 @@ def run_items(target: Callable[..., None], args: tuple, items: list[str], timeou
                     current = message["start"]
                     started = time.perf_counter()
                 else:
-                    on_result(message["done"], message["result"], None,
-                              time.perf_counter() - started)
+                    on_result(
+                        message["done"], message["result"], None, time.perf_counter() - started
+                    )
                     remaining.remove(message["done"])
                     current = None
         finally:
@@ -83,4 +95,3 @@ def run_items(target: Callable[..., None], args: tuple, items: list[str], timeou
             if process.is_alive():
                 process.kill()
                 process.join()
-

@@ -1,4 +1,4 @@
-"""The oracle: an independent float64 BatchNorm written from the formulas in shared/SEMANTICS.md.
+"""The oracle: an independent float64 BatchNorm written from nn.BatchNorm's documented formulas.
 
 It uses no torch normalization op (nn.BatchNorm and F.batch_norm are under test like everything
 else): only sums and elementwise arithmetic, differentiated by autograd.

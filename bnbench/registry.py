@@ -2,27 +2,27 @@
 
 An :class:`Implementation` wraps a factory that builds a BatchNorm module for an input rank, with
 nn.BatchNorm's constructor arguments, plus declarations of what it supports and how it knowingly
-departs from nn.BatchNorm. Built-ins and third-party packages register through the entry-point
-group ``bnbench.implementations``; ``MODULE:ATTR`` names one ad hoc.
+departs from nn.BatchNorm. What it supports is asked about a :class:`Config` (a gate case, a
+benchmark row and ``swap`` each build one), never about a test case. Built-ins and third-party
+packages register through the entry-point group ``bnbench.implementations``; ``MODULE:ATTR``
+names one ad hoc.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import importlib
 import importlib.metadata
 import inspect
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:  # pragma: no cover
-    from bnbench.cases import Case
 
 ENTRY_POINT_GROUP = "bnbench.implementations"
 
@@ -39,6 +39,29 @@ class UsageError(Exception):
     """A user named something that cannot be used (unknown implementation, bad module...)."""
 
 
+@dataclass(frozen=True)
+class Config:
+    """One configuration an implementation may be asked to run: what its module is built with,
+    what it is fed, and what is asked of autograd."""
+
+    rank: int
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32  # input dtype
+    module_dtype: torch.dtype = torch.float32
+    memory_format: str = "contiguous"  # contiguous | channels_last | non_contiguous
+    eps: float = 1e-5
+    momentum: float | None = 0.1
+    affine: bool = True
+    bias: bool = True  # torch 2.13's keyword-only bias=False: a weight and no bias
+    track_running_stats: bool = True
+    # track_running_stats switched off after construction (buffers kept, no updates)
+    tracking_switched_off: bool = False
+    needs_backward: bool = False
+    needs_double_backward: bool = False
+    # the check is about a rank-specific class (BatchNorm2d rejecting a 3-D input...)
+    rank_specific: bool = False
+
+
 def _default_state(module: nn.Module) -> dict[str, torch.Tensor | None]:
     return {
         name: getattr(module, name, None)
@@ -46,77 +69,115 @@ def _default_state(module: nn.Module) -> dict[str, torch.Tensor | None]:
     }
 
 
+@functools.cache
+def _case_ids() -> tuple[str, ...]:
+    from bnbench.cases import all_cases  # cases never import the registry: no cycle
+
+    return tuple(case.id for case in all_cases())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 @dataclass(frozen=True)
 class Implementation:
     """A BatchNorm implementation under test.
 
-    factory(rank, num_features, eps=..., momentum=..., affine=..., track_running_stats=...,
-    device=..., dtype=...) returns a module for inputs of that rank (2 to 5).
+    ``factory(rank, num_features, eps=..., momentum=..., affine=..., track_running_stats=...,
+    device=..., dtype=...)`` returns a module for inputs of that rank (2 to 5).
 
-    Capabilities say what it supports; a case outside them is skipped with the reason.
-    ``deviations`` maps case-id patterns (fnmatch) to the reason the implementation knowingly
-    differs from nn.BatchNorm there: such a case is expected to fail, and passing is an error.
+    The ``supports_*`` declarations say what it can run; a configuration outside them is "not
+    supported" with the reason. ``deviations`` maps case-id patterns (fnmatch) to the reason the
+    implementation knowingly differs from nn.BatchNorm there: such a case is expected to fail,
+    and passing is an error; a pattern that matches no case is an error at registration.
     ``state`` maps a module to its tensors by role (weight, bias, running_mean, running_var,
     num_batches_tracked) for implementations that name or shape them differently; the checks of
     the module's public interface (defaults, state_dict) never go through it.
+    ``rank_specific``: the factory builds a different class per rank, each rejecting other ranks
+    as nn.BatchNorm1d/2d/3d do (checked); a single class taking every rank is not.
     """
 
     name: str
     factory: Callable[..., nn.Module]
     description: str = ""
-    devices: frozenset[str] = ALL_DEVICES
-    dtypes: frozenset[torch.dtype] = ALL_DTYPES
-    ranks: frozenset[int] = ALL_RANKS
-    momentum_none: bool = True
-    affine_false: bool = True
-    no_running_stats: bool = True
-    memory_formats: frozenset[str] = ALL_MEMORY_FORMATS
-    backward: bool = True
-    double_backward: bool = True
+    supports_devices: frozenset[str] = ALL_DEVICES
+    supports_dtypes: frozenset[torch.dtype] = ALL_DTYPES
+    supports_ranks: frozenset[int] = ALL_RANKS
+    supports_memory_formats: frozenset[str] = ALL_MEMORY_FORMATS
+    supports_momentum_none: bool = True
+    supports_affine_false: bool = True
+    supports_bias_false: bool = True
+    supports_no_running_stats: bool = True
+    supports_backward: bool = True
+    supports_double_backward: bool = True
     rank_specific: bool = True
     deviations: Mapping[str, str] = field(default_factory=dict)
     state: Callable[[nn.Module], dict[str, torch.Tensor | None]] = _default_state
-    extra_unsupported: Callable[["Case"], str | None] | None = None
+    # Any further limit: a reason string when the configuration is not supported.
+    extra_unsupported: Callable[[Config], str | None] | None = None
 
-    def make(self, case: "Case", device: str, **overrides: Any) -> nn.Module:
-        if case.explicit_kwargs:
-            kwargs = dict(case.module_kwargs(), device=device, dtype=case.module_dtype)
-        else:  # only what the defaults cannot say
-            kwargs = {} if torch.device(device).type == "cpu" else {"device": device}
-            if case.module_dtype != torch.float32:
-                kwargs["dtype"] = case.module_dtype
+    def __post_init__(self):
+        ids = _case_ids()
+        unmatched = [p for p in self.deviations if not fnmatch.filter(ids, p)]
+        if unmatched:
+            raise UsageError(
+                f"implementation {self.name!r} declares deviations for patterns "
+                f"that match no case: {', '.join(unmatched)} (see `bnbench list`)"
+            )
+
+    def make(
+        self,
+        config: Config,
+        num_features: int,
+        *,
+        explicit_kwargs: dict | None = None,
+        **overrides: Any,
+    ) -> nn.Module:
+        """Build a module for ``config``. ``explicit_kwargs``: constructor arguments to pass;
+        None passes only what nn.BatchNorm's defaults cannot say (device, dtype)."""
+        if explicit_kwargs is not None:
+            kwargs = dict(explicit_kwargs, device=config.device, dtype=config.module_dtype)
+        else:
+            kwargs = {} if torch.device(config.device).type == "cpu" else {"device": config.device}
+            if config.module_dtype != torch.float32:
+                kwargs["dtype"] = config.module_dtype
+        if not config.bias:
+            kwargs["bias"] = False
         kwargs.update(overrides)
-        return self.factory(case.rank, case.num_features, **kwargs)
+        return self.factory(config.rank, num_features, **kwargs)
 
-    def not_supported_reasons(self, case: "Case", device: str) -> list[str]:
-        """Why this implementation cannot run ``case`` on ``device`` (empty when it can)."""
+    def not_supported_reasons(self, config: Config) -> list[str]:
+        """Why this implementation cannot run ``config`` (empty when it can)."""
         reasons = []
-        dev = torch.device(device).type
-        if dev not in self.devices:
+        dev = torch.device(config.device).type
+        if dev not in self.supports_devices:
             reasons.append(f"device {dev} not supported")
-        if case.rank not in self.ranks:
-            reasons.append(f"rank {case.rank} input not supported")
-        for dtype in {case.dtype, case.module_dtype}:
-            if dtype not in self.dtypes:
-                reasons.append(f"{str(dtype).replace('torch.', '')} not supported")
-        if case.momentum is None and not self.momentum_none:
+        if config.rank not in self.supports_ranks:
+            reasons.append(f"rank {config.rank} input not supported")
+        for dtype in dict.fromkeys((config.dtype, config.module_dtype)):
+            if dtype not in self.supports_dtypes:
+                reasons.append(f"{_dtype_name(dtype)} not supported")
+        if config.momentum is None and not self.supports_momentum_none:
             reasons.append("momentum=None (cumulative average) not supported")
-        if not case.affine and not self.affine_false:
+        if not config.affine and not self.supports_affine_false:
             reasons.append("affine=False not supported")
-        if (not case.track_running_stats or case.stop_tracking_after is not None) and not (
-            self.no_running_stats
+        if config.affine and not config.bias and not self.supports_bias_false:
+            reasons.append("bias=False not supported")
+        if (not config.track_running_stats or config.tracking_switched_off) and not (
+            self.supports_no_running_stats
         ):
             reasons.append("track_running_stats=False not supported")
-        if case.memory_format not in self.memory_formats:
-            reasons.append(f"{case.memory_format} inputs not supported")
-        if case.needs_backward and not self.backward:
+        if config.memory_format not in self.supports_memory_formats:
+            reasons.append(f"{config.memory_format} inputs not supported")
+        if config.needs_backward and not self.supports_backward:
             reasons.append("backward not supported")
-        if case.needs_double_backward and not self.double_backward:
+        if config.needs_double_backward and not self.supports_double_backward:
             reasons.append("double backward not supported")
-        if case.rank_specific and not self.rank_specific:
+        if config.rank_specific and not self.rank_specific:
             reasons.append("rank-specific check; the class takes every rank")
         if self.extra_unsupported is not None:
-            extra = self.extra_unsupported(case)
+            extra = self.extra_unsupported(config)
             if extra:
                 reasons.append(extra)
         return reasons
@@ -127,29 +188,44 @@ class Implementation:
                 return reason
         return None
 
-    def with_name(self, name: str) -> "Implementation":
+    def with_name(self, name: str) -> Implementation:
         return dataclasses.replace(self, name=name)
 
 
-def from_classes(name: str, classes: Mapping[int, type[nn.Module]],
-                 **declarations) -> Implementation:
+def from_classes(
+    name: str, classes: Mapping[int, type[nn.Module]], **declarations
+) -> Implementation:
     """An implementation made of rank-specific classes, keyed by input rank (2, 3, 4, 5)."""
     classes = dict(classes)
 
     def factory(rank: int, num_features: int, **kwargs) -> nn.Module:
         return classes[rank](num_features, **kwargs)
 
-    declarations.setdefault("ranks", frozenset(classes))
+    declarations.setdefault("supports_ranks", frozenset(classes))
     return Implementation(name=name, factory=factory, **declarations)
 
 
+# A subclass of nn.BatchNorm1d/2d/3d takes the ranks its base takes, and rejects the others.
+_BUILTIN_RANKS = (
+    (nn.BatchNorm1d, frozenset({2, 3})),
+    (nn.BatchNorm2d, frozenset({4})),
+    (nn.BatchNorm3d, frozenset({5})),
+)
+
+
 def from_module_class(name: str, cls: type[nn.Module], **declarations) -> Implementation:
-    """An implementation made of one class that takes inputs of rank 2 to 5 (as BatchNorm*d do)."""
+    """An implementation made of one class with nn.BatchNorm's constructor: a subclass of
+    nn.BatchNorm1d/2d/3d takes its base's ranks, any other class inputs of rank 2 to 5."""
 
     def factory(rank: int, num_features: int, **kwargs) -> nn.Module:
         return cls(num_features, **kwargs)
 
-    declarations.setdefault("rank_specific", False)
+    for base, ranks in _BUILTIN_RANKS:
+        if issubclass(cls, base):
+            declarations.setdefault("supports_ranks", ranks)
+            break
+    else:
+        declarations.setdefault("rank_specific", False)
     declarations.setdefault("description", f"{cls.__module__}.{cls.__qualname__}")
     return Implementation(name=name, factory=factory, **declarations)
 
@@ -185,15 +261,17 @@ def load_spec(spec: str) -> Implementation:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # the user's module may fail in any way on import
-        raise UsageError(f"--impl {spec!r}: cannot import module {module_name!r}: "
-                         f"{type(exc).__name__}: {exc}") from exc
+        raise UsageError(
+            f"--impl {spec!r}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     try:
         obj = module
         for part in attr.split("."):
             obj = getattr(obj, part)
     except AttributeError as exc:
         raise UsageError(
-            f"--impl {spec!r}: module {module_name!r} has no attribute {attr!r}") from exc
+            f"--impl {spec!r}: module {module_name!r} has no attribute {attr!r}"
+        ) from exc
     return _coerce(spec, obj, f"--impl {spec!r}")
 
 
@@ -210,6 +288,7 @@ def resolve(specs: list[str] | None = None) -> list[Implementation]:
             chosen.append(load_spec(spec))
         else:
             known = ", ".join(sorted(registered)) or "none"
-            raise UsageError(f"unknown implementation {spec!r} (registered: {known}; "
-                             "or give MODULE:ATTR)")
+            raise UsageError(
+                f"unknown implementation {spec!r} (registered: {known}; or give MODULE:ATTR)"
+            )
     return chosen

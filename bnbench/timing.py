@@ -44,7 +44,7 @@ class Samples:
         if n < 7:
             return False
         iqr = self.quantile(0.75) - self.quantile(0.25)
-        return iqr / (n ** 0.5) <= 0.01 * self.median
+        return iqr / (n**0.5) <= 0.01 * self.median
 
 
 def last_level_cache_bytes(device: str) -> int:
@@ -59,8 +59,7 @@ def last_level_cache_bytes(device: str) -> int:
         except OSError:
             continue
         units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-        largest = max(largest, int(text[:-1]) * units[text[-1]] if text[-1] in units
-                      else int(text))
+        largest = max(largest, int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
     return largest or 32 << 20
 
 
@@ -69,9 +68,17 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(step: Callable[[int], object], device: str, *, prepare: Callable[[int], None] | None
-            = None, budget_s: float = 1.0, warmup_s: float = 0.05, min_samples: int = 7,
-            max_samples: int = 1000, min_block_s: float | None = None) -> Samples:
+def measure(
+    step: Callable[[int], object],
+    device: str,
+    *,
+    prepare: Callable[[int], None] | None = None,
+    budget_s: float = 1.0,
+    warmup_s: float = 0.05,
+    min_samples: int = 7,
+    max_samples: int = 1000,
+    min_block_s: float | None = None,
+) -> Samples:
     """Time ``step(i)`` (i counts calls, for rotating inputs) until stable or out of budget.
 
     ``prepare(i)``, when given, runs untimed before each call, and each sample is one call.
@@ -101,6 +108,7 @@ def measure(step: Callable[[int], object], device: str, *, prepare: Callable[[in
         return time.perf_counter() - begin
 
     def run_prepared() -> float:
+        assert prepare is not None
         prepare(calls)  # outside the block: untimed
         return run_block(1)
 
@@ -117,15 +125,17 @@ def measure(step: Callable[[int], object], device: str, *, prepare: Callable[[in
     synchronize(device)
     samples.warmup_calls = warm
     per_call = (time.perf_counter() - begin) / warm
-    inner = 1 if prepare is not None else max(1, min(10_000, int(min_block_s / max(per_call,
-                                                                                     1e-9))))
+    inner = (
+        1 if prepare is not None else max(1, min(10_000, int(min_block_s / max(per_call, 1e-9))))
+    )
     samples.calls_per_sample = inner
     deadline = time.perf_counter() + budget_s
     while len(samples.seconds) < max_samples:
         elapsed = run_prepared() if prepare is not None else run_block(inner)
         samples.seconds.append(elapsed / inner)
-        if len(samples.seconds) >= min_samples and (samples.stable
-                                                    or time.perf_counter() > deadline):
+        if len(samples.seconds) >= min_samples and (
+            samples.stable or time.perf_counter() > deadline
+        ):
             break
     return samples
 
@@ -138,11 +148,13 @@ _LIBC = None
 
 def _status_bytes(key: str) -> int:
     with open("/proc/self/status") as f:
-        return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) * 1024
+        found = re.search(rf"{key}:\s+(\d+) kB", f.read())
+    return int(found.group(1)) * 1024 if found else 0
 
 
-def peak_memory(call: Callable[[], object], device: str, prepare: Callable[[], None] | None = None
-                ) -> tuple[int | None, str]:
+def peak_memory(
+    call: Callable[[], object], device: str, prepare: Callable[[], None] | None = None
+) -> tuple[int | None, str]:
     """(bytes, method). CUDA: the caching allocator's peak over what was allocated before.
     CPU: the peak resident set size over the resident size before (Linux: freed memory is
     returned with malloc_trim, then VmHWM is reset through /proc/self/clear_refs)."""

@@ -37,8 +37,9 @@ class ConvBN(nn.Module):
     def __init__(self):
         super().__init__()
         self.layer1 = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.layer2 = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32),
-                                    nn.ReLU())
+        self.layer2 = nn.Sequential(
+            nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU()
+        )
         self.fully_connected = nn.Linear(32 * 4 * 4, 10)
 
     def forward(self, x):
@@ -46,21 +47,43 @@ class ConvBN(nn.Module):
 
 
 def mlp_bn() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(),
-                         nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(64, 64),
+        nn.BatchNorm1d(64),
+        nn.ReLU(),
+        nn.Linear(64, 32),
+        nn.BatchNorm1d(32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
+    )
 
 
 def fc_bn_fc() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 20), nn.BatchNorm1d(20), nn.ReLU(),
-                         nn.Linear(20, 10))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 20), nn.BatchNorm1d(20), nn.ReLU(), nn.Linear(20, 10)
+    )
 
 
 def _lenet(bn2d, bn1d) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 6, kernel_size=5), bn2d(6), nn.Sigmoid(), nn.AvgPool2d(2, 2),
-        nn.Conv2d(6, 16, kernel_size=5), bn2d(16), nn.Sigmoid(), nn.AvgPool2d(2, 2),
-        nn.Flatten(), nn.Linear(16 * 4 * 4, 120), bn1d(120), nn.Sigmoid(),
-        nn.Linear(120, 84), bn1d(84), nn.Sigmoid(), nn.Linear(84, 10))
+        nn.Conv2d(1, 6, kernel_size=5),
+        bn2d(6),
+        nn.Sigmoid(),
+        nn.AvgPool2d(2, 2),
+        nn.Conv2d(6, 16, kernel_size=5),
+        bn2d(16),
+        nn.Sigmoid(),
+        nn.AvgPool2d(2, 2),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 120),
+        bn1d(120),
+        nn.Sigmoid(),
+        nn.Linear(120, 84),
+        bn1d(84),
+        nn.Sigmoid(),
+        nn.Linear(84, 10),
+    )
 
 
 def lenet_bn() -> nn.Module:
@@ -68,13 +91,18 @@ def lenet_bn() -> nn.Module:
 
 
 def lenet_bn_scratch() -> nn.Module:
-    from implementations.d2l import BatchNorm
+    from bnbench.implementations.d2l import BatchNorm
 
     return _lenet(lambda c: BatchNorm(c, num_dims=4), lambda c: BatchNorm(c, num_dims=2))
 
 
-MODELS = {"conv_bn": ConvBN, "mlp_bn": mlp_bn, "fc_bn_fc": fc_bn_fc, "lenet_bn": lenet_bn,
-          "lenet_bn_scratch": lenet_bn_scratch}
+MODELS = {
+    "conv_bn": ConvBN,
+    "mlp_bn": mlp_bn,
+    "fc_bn_fc": fc_bn_fc,
+    "lenet_bn": lenet_bn,
+    "lenet_bn_scratch": lenet_bn_scratch,
+}
 UPSAMPLED = {"lenet_bn", "lenet_bn_scratch"}  # LeNet's 5x5 convolutions need 28x28 inputs
 
 
@@ -84,8 +112,11 @@ def build(name: str, seed: int, dtype=torch.float32, device="cpu") -> nn.Module:
 
 
 def prepare(name: str, x: torch.Tensor) -> torch.Tensor:
-    return F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False) \
-        if name in UPSAMPLED else x
+    return (
+        F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
+        if name in UPSAMPLED
+        else x
+    )
 
 
 @dataclass
@@ -97,8 +128,16 @@ class Trajectory:
     test_accuracy: float
 
 
-def train(model: nn.Module, name: str, steps: int = 10, batch_size: int = 32, lr: float = 0.1,
-          seed: int = 0, dtype=torch.float32, device="cpu") -> Trajectory:
+def train(
+    model: nn.Module,
+    name: str,
+    steps: int = 10,
+    batch_size: int = 32,
+    lr: float = 0.1,
+    seed: int = 0,
+    dtype=torch.float32,
+    device="cpu",
+) -> Trajectory:
     """Seeded SGD on digits; the batches depend only on ``seed``."""
     x_train, y_train, x_test, y_test = digits()
     x_train, x_test = prepare(name, x_train), prepare(name, x_test)
@@ -118,6 +157,10 @@ def train(model: nn.Module, name: str, steps: int = 10, batch_size: int = 32, lr
     with torch.no_grad():
         logits = model(x_test.to(device=device, dtype=dtype))
     accuracy = float((logits.argmax(1).cpu() == y_test).double().mean())
-    return Trajectory(losses, {k: v.detach().clone() for k, v in model.named_parameters()},
-                      {k: v.detach().clone() for k, v in model.named_buffers()}, logits.cpu(),
-                      accuracy)
+    return Trajectory(
+        losses,
+        {k: v.detach().clone() for k, v in model.named_parameters()},
+        {k: v.detach().clone() for k, v in model.named_buffers()},
+        logits.cpu(),
+        accuracy,
+    )

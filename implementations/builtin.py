@@ -25,12 +25,15 @@ def _without_cudnn(cls: type[nn.Module]) -> type[nn.Module]:
     return NativeCUDA
 
 
-_native = {1: _without_cudnn(nn.BatchNorm1d), 2: _without_cudnn(nn.BatchNorm2d),
-           3: _without_cudnn(nn.BatchNorm3d)}
+_native = {
+    1: _without_cudnn(nn.BatchNorm1d),
+    2: _without_cudnn(nn.BatchNorm2d),
+    3: _without_cudnn(nn.BatchNorm3d),
+}
 
 builtin_native = from_classes(
     "builtin-native",
     {2: _native[1], 3: _native[1], 4: _native[2], 5: _native[3]},
     description="torch.nn.BatchNorm*d with cuDNN disabled (native CUDA kernels)",
-    devices=frozenset({"cuda"}),
+    supports_devices=frozenset({"cuda"}),
 )

@@ -15,8 +15,13 @@ import functools
 
 import torch
 
+from bnbench.implementations.vectorized import (
+    VectorizedBatchNorm,
+    eval_kernel,
+    rank_classes,
+    train_kernel,
+)
 from bnbench.registry import from_classes
-from implementations.vectorized import VectorizedBatchNorm, eval_kernel, rank_classes, train_kernel
 
 
 @functools.cache
@@ -26,9 +31,9 @@ def compiled_kernels():
     # never silently falls back to eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     torch._dynamo.config.accumulated_recompile_limit = max(
-        torch._dynamo.config.accumulated_recompile_limit, 1024)
-    return (torch.compile(train_kernel, dynamic=True),
-            torch.compile(eval_kernel, dynamic=True))
+        torch._dynamo.config.accumulated_recompile_limit, 1024
+    )
+    return (torch.compile(train_kernel, dynamic=True), torch.compile(eval_kernel, dynamic=True))
 
 
 class CompiledBatchNorm(VectorizedBatchNorm):
@@ -46,7 +51,8 @@ class CompiledBatchNorm(VectorizedBatchNorm):
 _classes = rank_classes(CompiledBatchNorm, "Compiled")
 
 compiled = from_classes(
-    "compiled", _classes,
+    "compiled",
+    _classes,
     description="torch.compile(dynamic=True) of the vectorized kernels",
-    double_backward=False,
+    supports_double_backward=False,
 )

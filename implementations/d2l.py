@@ -1,4 +1,5 @@
-"""The from-scratch BatchNorm of Dive into Deep Learning (shared/seeds/004), as the book writes it.
+"""The from-scratch BatchNorm of Dive into Deep Learning (chapter "Batch Normalization"), as the
+book writes it.
 
 The book's ``batch_norm`` and ``BatchNorm`` are copied verbatim below (comments included). An
 adapter gives the class nn.BatchNorm's constructor; it changes nothing in the computation. The
@@ -14,6 +15,7 @@ from torch import nn
 from bnbench.registry import Implementation
 
 
+# fmt: off
 # ---- verbatim from the book -------------------------------------------------------------------
 def batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum):
     # Use is_grad_enabled to determine whether we are in training mode
@@ -73,6 +75,7 @@ class BatchNorm(nn.Module):
             X, self.gamma, self.beta, self.moving_mean,
             self.moving_var, eps=1e-5, momentum=0.1)
         return Y
+# fmt: on
 # ---- end of the book's code -------------------------------------------------------------------
 
 
@@ -82,8 +85,18 @@ class D2LBatchNorm(BatchNorm):
     eps and momentum are fixed in the book's code (1e-5, 0.1); other values are not supported.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None, *, num_dims):
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        device=None,
+        dtype=None,
+        *,
+        num_dims,
+    ):
         super().__init__(num_features, num_dims)
         if device is not None:
             self.to(device)
@@ -95,30 +108,43 @@ def _factory(rank, num_features, **kwargs):
 
 def _state(module):
     # The book's names and (1, C[, 1, 1]) shapes; the harness flattens them to compare values.
-    return {"weight": module.gamma, "bias": module.beta, "running_mean": module.moving_mean,
-            "running_var": module.moving_var, "num_batches_tracked": None}
+    return {
+        "weight": module.gamma,
+        "bias": module.beta,
+        "running_mean": module.moving_mean,
+        "running_var": module.moving_var,
+        "num_batches_tracked": None,
+    }
 
 
-def _fixed_hyperparameters(case):
-    if case.eps != 1e-5:
-        return f"eps is fixed at 1e-5 in the book's code (case uses {case.eps})"
-    if case.momentum is not None and case.momentum != 0.1:
-        return f"momentum is fixed at 0.1 in the book's code (case uses {case.momentum})"
+def _fixed_hyperparameters(config):
+    if config.eps != 1e-5:
+        return f"eps is fixed at 1e-5 in the book's code (asked for {config.eps})"
+    if config.momentum is not None and config.momentum != 0.1:
+        return f"momentum is fixed at 0.1 in the book's code (asked for {config.momentum})"
     return None
 
 
 # The book's departures from nn.BatchNorm, each with the cases that show it.
-BIASED = ("moving variance updated with the biased batch variance (nn.BatchNorm: unbiased), "
-          "and no num_batches_tracked counter")
-GRAD_MODE = ("mode from torch.is_grad_enabled(), not module.training: eval with grad enabled "
-             "normalizes with batch statistics and updates the moving averages; training under "
-             "no_grad uses the moving averages")
+BIASED = (
+    "moving variance updated with the biased batch variance (nn.BatchNorm: unbiased), "
+    "and no num_batches_tracked counter"
+)
+GRAD_MODE = (
+    "mode from torch.is_grad_enabled(), not module.training: eval with grad enabled "
+    "normalizes with batch statistics and updates the moving averages; training under "
+    "no_grad uses the moving averages"
+)
 ZERO_BATCH = "a zero-size batch turns the moving averages into NaN (mean of an empty batch)"
-PLAIN_TENSORS = ("gamma/beta of shape (1, C[, 1, 1]) instead of weight/bias of shape (C,); the "
-                 "moving averages are plain tensors, not buffers (absent from state_dict); no "
-                 "reset_running_stats / reset_parameters")
-NO_CHECKS = ("no input validation: the book asserts the rank in grad mode only and raises no "
-             "ValueError for one value per channel")
+PLAIN_TENSORS = (
+    "gamma/beta of shape (1, C[, 1, 1]) instead of weight/bias of shape (C,); the "
+    "moving averages are plain tensors, not buffers (absent from state_dict); no "
+    "reset_running_stats / reset_parameters"
+)
+NO_CHECKS = (
+    "no input validation: the book asserts the rank in grad mode only and raises no "
+    "ValueError for one value per channel"
+)
 DEVIATIONS = {
     "default-*": BIASED,
     "default_constructor-*": BIASED,
@@ -141,11 +167,12 @@ d2l = Implementation(
     name="d2l",
     factory=_factory,
     description="Dive into Deep Learning's from-scratch BatchNorm, verbatim",
-    ranks=frozenset({2, 4}),
-    dtypes=frozenset({torch.float32}),
-    momentum_none=False,
-    affine_false=False,
-    no_running_stats=False,
+    supports_ranks=frozenset({2, 4}),
+    supports_dtypes=frozenset({torch.float32}),
+    supports_momentum_none=False,
+    supports_affine_false=False,
+    supports_bias_false=False,
+    supports_no_running_stats=False,
     state=_state,
     extra_unsupported=_fixed_hyperparameters,
     deviations=DEVIATIONS,

@@ -1,13 +1,13 @@
-"""A vectorized pure-torch BatchNorm, faithful to nn.BatchNorm (shared/SEMANTICS.md).
+"""A vectorized pure-torch BatchNorm, faithful to nn.BatchNorm.
 
 The heavy work is two kernels over a canonical 2-D or 3-D view of the input, so that every
 rank and memory format shares them (and ``compiled`` compiles only these two):
   - ``(N, C, L)`` for contiguous inputs (L = the flattened spatial size),
   - ``(M, C)`` for channels-last inputs and plain (N, C) inputs (M rows of C channels).
 Reductions are written as ``sum`` over the non-channel dims: on CPU that is several times faster
-than var_mean over the same dims (shared/BENCHMARKING.md). Training has a hand-written backward
-(_TrainNormalize). Half-precision inputs are computed in float32 and cast back, as the native
-kernels do.
+than var_mean over the same dims (measured on this project's 2-core machine). Training has a
+hand-written backward (_TrainNormalize). Half-precision inputs are computed in float32 and cast
+back, as the native kernels do.
 """
 
 from __future__ import annotations
@@ -92,8 +92,9 @@ class _TrainNormalize(torch.autograd.Function):
         c = -scale * grad_sum / n - b * mean
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.addcmul(torch.addcmul(c.view(view), xf, b.view(view)), gy,
-                                   a.view(view)).to(x.dtype)
+            grad_x = torch.addcmul(
+                torch.addcmul(c.view(view), xf, b.view(view)), gy, a.view(view)
+            ).to(x.dtype)
         grad_weight = grad_dot if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = grad_sum if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias, None
@@ -102,8 +103,10 @@ class _TrainNormalize(torch.autograd.Function):
 def train_kernel_autograd(x, weight, bias, eps: float):
     """train_kernel, with the hand-written backward whenever a gradient will be needed."""
     needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad))
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
     if not needs_grad:
         return train_kernel(x, weight, bias, eps)
     return _TrainNormalize.apply(x, weight, bias, eps)
@@ -122,8 +125,10 @@ def eval_kernel(x, running_mean, running_var, weight, bias, eps: float):
     return y.to(x.dtype)
 
 
-_CHANNELS_LAST = {4: (torch.channels_last, (0, 2, 3, 1), (0, 3, 1, 2)),
-                  5: (torch.channels_last_3d, (0, 2, 3, 4, 1), (0, 4, 1, 2, 3))}
+_CHANNELS_LAST = {
+    4: (torch.channels_last, (0, 2, 3, 1), (0, 3, 1, 2)),
+    5: (torch.channels_last_3d, (0, 2, 3, 4, 1), (0, 4, 1, 2, 3)),
+}
 
 
 def _flat_view(x: torch.Tensor, shape) -> torch.Tensor:
@@ -141,8 +146,10 @@ def to_canonical(x: torch.Tensor):
         fmt, perm, inverse = _CHANNELS_LAST[x.dim()]
         if x.is_contiguous(memory_format=fmt):
             permuted_shape = x.permute(perm).shape
-            return (_flat_view(x.permute(perm), (-1, x.shape[1])),
-                    lambda y: y.view(permuted_shape).permute(inverse))
+            return (
+                _flat_view(x.permute(perm), (-1, x.shape[1])),
+                lambda y: y.view(permuted_shape).permute(inverse),
+            )
     shape = x.shape
     return _flat_view(x.contiguous(), (shape[0], shape[1], -1)), lambda y: y.view(shape)
 
@@ -153,7 +160,8 @@ def check_batch_size(x: torch.Tensor) -> None:
         size *= s
     if size == 1:
         raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {x.size()}")
+            f"Expected more than 1 value per channel when training, got input size {x.size()}"
+        )
 
 
 class VectorizedBatchNorm(nn.Module):
@@ -164,8 +172,16 @@ class VectorizedBatchNorm(nn.Module):
     train_kernel = staticmethod(train_kernel_autograd)
     eval_kernel = staticmethod(eval_kernel)
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
@@ -182,8 +198,9 @@ class VectorizedBatchNorm(nn.Module):
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
             self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer("num_batches_tracked",
-                                 torch.tensor(0, dtype=torch.long, device=device))
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
         else:
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
@@ -203,25 +220,30 @@ class VectorizedBatchNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() not in self._expected_dims:
             raise ValueError(f"expected {self._expected_text} input (got {x.dim()}D input)")
         factor = 0.0
-        updating = self.training and self.track_running_stats and (
-            self.num_batches_tracked is not None)
+        updating = (
+            self.training and self.track_running_stats and (self.num_batches_tracked is not None)
+        )
         if updating:
             self.num_batches_tracked.add_(1)
-            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                      else self.momentum)
+            factor = (
+                1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            )
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         if use_batch_stats:
             check_batch_size(x)
             if self.eps <= 0.0:
                 raise ValueError(
-                    f"batch_norm eps must be positive during training, but got {self.eps}")
+                    f"batch_norm eps must be positive during training, but got {self.eps}"
+                )
         elif self.eps < 0.0:
             raise ValueError(f"batch_norm eps must be non-negative, but got {self.eps}")
 
@@ -231,8 +253,11 @@ class VectorizedBatchNorm(nn.Module):
             return y.to(x.dtype)
         canonical, restore = to_canonical(x)
         if not use_batch_stats:
-            return restore(self.eval_kernel(canonical, self.running_mean, self.running_var,
-                                            self.weight, self.bias, self.eps))
+            return restore(
+                self.eval_kernel(
+                    canonical, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+                )
+            )
         y, mean, var = self.train_kernel(canonical, self.weight, self.bias, self.eps)
         if updating and self.running_mean is not None:
             n = x.numel() // x.shape[1]
@@ -244,8 +269,11 @@ class VectorizedBatchNorm(nn.Module):
 
 
 def _rank_specific(base: type[VectorizedBatchNorm], dims: tuple[int, ...], text: str, name: str):
-    return type(name, (base,), {"_expected_dims": dims, "_expected_text": text,
-                                "__module__": base.__module__})
+    return type(
+        name,
+        (base,),
+        {"_expected_dims": dims, "_expected_text": text, "__module__": base.__module__},
+    )
 
 
 def rank_classes(base: type[VectorizedBatchNorm], prefix: str) -> dict[int, type[nn.Module]]:
@@ -258,9 +286,13 @@ def rank_classes(base: type[VectorizedBatchNorm], prefix: str) -> dict[int, type
 
 _classes = rank_classes(VectorizedBatchNorm, "Vectorized")
 VectorizedBatchNorm1d, VectorizedBatchNorm2d, VectorizedBatchNorm3d = (
-    _classes[2], _classes[4], _classes[5])
+    _classes[2],
+    _classes[4],
+    _classes[5],
+)
 
 vectorized = from_classes(
-    "vectorized", _classes,
+    "vectorized",
+    _classes,
     description="pure torch ops over a canonical (N, C, L) / (M, C) view, sum reductions",
 )

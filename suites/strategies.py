@@ -14,8 +14,9 @@ def configurations(draw, dtypes=(torch.float32, torch.float64)):
     c = draw(st.integers(1, 6))
     spatial = tuple(draw(st.integers(1, 4)) for _ in range(rank - 2))
     shape = (n, c) + spatial
-    steps = tuple(draw(st.lists(st.sampled_from(["train", "eval", "train_nograd"]),
-                                min_size=1, max_size=5)))
+    steps = tuple(
+        draw(st.lists(st.sampled_from(["train", "eval", "train_nograd"]), min_size=1, max_size=5))
+    )
     track = draw(st.booleans())
     values_per_channel = n
     for s in spatial:
@@ -28,14 +29,22 @@ def configurations(draw, dtypes=(torch.float32, torch.float64)):
     if rank in (4, 5):
         memory_format = draw(st.sampled_from(["contiguous", "channels_last", "non_contiguous"]))
     return Case(
-        check="property", kind="steps", rank=rank, shape=shape,
-        description="random configuration", dtype=dtype, module_dtype=dtype,
+        check="property",
+        kind="steps",
+        rank=rank,
+        shape=shape,
+        description="random configuration",
+        dtype=dtype,
+        module_dtype=dtype,
         eps=draw(st.sampled_from([1e-5, 1e-3, 0.1, 0.5])),
         momentum=draw(st.one_of(st.none(), st.floats(0.0, 1.0))),
-        affine=draw(st.booleans()), track_running_stats=track, steps=steps,
+        affine=draw(st.booleans()),
+        track_running_stats=track,
+        steps=steps,
         memory_format=memory_format,
         stop_tracking_after=draw(st.one_of(st.none(), st.integers(0, len(steps) - 1)))
-        if track else None,
+        if track
+        else None,
         initial_running_stats=draw(st.booleans()),
         salt=draw(st.integers(0, 10_000)),
     )

@@ -5,9 +5,10 @@ import csv
 import json
 import textwrap
 
-from test_cli import bnbench
+from bnbench.bench import SMOKE
+from bnbench.results import COLUMNS, parse_row
 
-from bnbench.bench import COLUMNS, SMOKE, parse_row
+from helpers import bnbench
 
 MISBEHAVING = textwrap.dedent("""
     import os, time
@@ -34,8 +35,7 @@ def read(path):
 
 def test_bench_writes_results_samples_and_environment(tmp_path):
     out = tmp_path / "b"
-    result = bnbench("bench", "--impl", "builtin", "--impl", "d2l", "--smoke", "--output",
-                     str(out))
+    result = bnbench("bench", "--impl", "builtin", "--impl", "d2l", "--smoke", "--output", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     rows = read(out / "results.csv")
     assert list(rows[0]) == COLUMNS
@@ -63,8 +63,20 @@ def test_bench_writes_results_samples_and_environment(tmp_path):
 def test_misbehaving_rows_are_recorded_and_the_sweep_goes_on(tmp_path):
     (tmp_path / "flaky.py").write_text(MISBEHAVING)
     out = tmp_path / "b"
-    result = bnbench("bench", "--impl", "flaky:Flaky", "--impl", "builtin", "--smoke",
-                     "--output", str(out), "--timeout", "5", "--no-verify", cwd=tmp_path)
+    result = bnbench(
+        "bench",
+        "--impl",
+        "flaky:Flaky",
+        "--impl",
+        "builtin",
+        "--smoke",
+        "--output",
+        str(out),
+        "--timeout",
+        "5",
+        "--no-verify",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = {(r["implementation"], r["mode"], r["shape"]): r for r in read(out / "results.csv")}
     flaky = "flaky:Flaky"
@@ -85,9 +97,23 @@ def test_ctrl_c_keeps_the_finished_rows(tmp_path):
 
     out = tmp_path / "b"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    process = subprocess.Popen([sys.executable, "-m", "bnbench.cli", "bench", "--impl",
-                                "builtin", "--output", str(out), "--no-verify"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bnbench.cli",
+            "bench",
+            "--impl",
+            "builtin",
+            "--output",
+            str(out),
+            "--no-verify",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 240
     while time.time() < deadline:
         if (out / "results.csv").is_file() and len(read(out / "results.csv")) >= 3:
@@ -100,3 +126,37 @@ def test_ctrl_c_keeps_the_finished_rows(tmp_path):
     assert len(rows) >= 3 and all(r["status"] == "ok" for r in rows)
     env_json = json.loads((out / "environment.json").read_text())
     assert env_json["complete"] is False and env_json["rows"] == len(rows)
+
+
+FORWARD_ONLY = textwrap.dedent("""
+    from catalogue import PlainBatchNorm, implementation
+
+    impl = implementation(PlainBatchNorm, supports_backward=False)
+""")
+
+
+def test_forward_only_implementation_gets_forward_rows_and_backward_rows_not_supported(tmp_path):
+    (tmp_path / "fwdonly.py").write_text(FORWARD_ONLY)
+    out = tmp_path / "b"
+    result = bnbench(
+        "bench",
+        "--impl",
+        "fwdonly:impl",
+        "--smoke",
+        "--output",
+        str(out),
+        cwd=tmp_path,
+        pythonpath=[tmp_path],
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    by_mode = {}
+    for r in read(out / "results.csv"):
+        by_mode.setdefault(r["mode"], []).append(r)
+    for mode in ("forward_train", "forward_eval"):
+        assert by_mode[mode] and all(r["status"] == "ok" for r in by_mode[mode]), mode
+        # vouched for by the same gate case run forward only
+        assert all(r["verified"] == "pass" for r in by_mode[mode]), by_mode[mode]
+    for mode in ("backward", "forward_backward", "train_step"):
+        assert by_mode[mode], mode
+        for r in by_mode[mode]:
+            assert r["status"] == "not-supported" and "backward not supported" in r["message"]

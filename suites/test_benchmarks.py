@@ -10,35 +10,39 @@ import math
 
 import pytest
 import torch
-from workloads import twice
 
 from bnbench import timing
-from bnbench.bench import QUICK, make_workload
+from bnbench.bench import QUICK, Row, make_workload
 from bnbench.registry import resolve
+
+from workloads import twice
 
 pytestmark = pytest.mark.benchmark_suite
 
-ROWS = [row for row in QUICK.rows() if len(row["shape"]) == 4 and row["dtype"] == "float32"
-        and row["memory_format"] == "contiguous" and row["shape"][0] in (8, 64)]
+ROWS = [
+    row
+    for row in QUICK.rows()
+    if row.rank == 4
+    and row.dtype == "float32"
+    and not row.model
+    and row.memory_format == "contiguous"
+    and row.shape[0] in (8, 64)
+]
 
 
 def _params():
     for impl in resolve():
         for device in ("cpu", "cuda"):
             for row in ROWS:
-                shape = "x".join(map(str, row["shape"]))
-                yield pytest.param(impl, device, row,
-                                   id=f"{impl.name}-{device}-{row['mode']}-{shape}")
+                shape = "x".join(map(str, row.shape))
+                yield pytest.param(impl, device, row, id=f"{impl.name}-{device}-{row.mode}-{shape}")
 
 
 @pytest.mark.parametrize("impl, device, row", list(_params()))
 def test_bench(benchmark, impl, device, row):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("CUDA not available")
-    from bnbench.bench import gate_case_for
-    from bnbench.cases import case_by_id
-
-    reasons = impl.not_supported_reasons(case_by_id()[gate_case_for(row)], device)
+    reasons = impl.not_supported_reasons(row.config(device))
     if reasons:
         pytest.skip("; ".join(reasons))
     workload = make_workload(impl, device, row)
@@ -57,9 +61,15 @@ def test_bench(benchmark, impl, device, row):
     for _ in range(3):  # warm-up (and compilation) outside the rounds
         setup()
         target()
-    benchmark.extra_info.update(implementation=impl.name, device=device, mode=row["mode"],
-                                shape="x".join(map(str, row["shape"])), dtype=row["dtype"],
-                                bytes=workload.bytes, threads=torch.get_num_threads())
+    benchmark.extra_info.update(
+        implementation=impl.name,
+        device=device,
+        mode=row.mode,
+        shape="x".join(map(str, row.shape)),
+        dtype=row.dtype,
+        bytes=workload.bytes,
+        threads=torch.get_num_threads(),
+    )
     benchmark.pedantic(target, setup=setup, rounds=30, iterations=1, warmup_rounds=2)
     benchmark.extra_info["gbps"] = workload.bytes / benchmark.stats.stats.median / 1e9
 
@@ -75,7 +85,7 @@ def test_timer_measures_double_work_as_twice_the_time(mode, device):
     # or the second pass reads it from there (1.56x seen on a 16-core host with 6 MB inputs).
     per_sample = 64 * 56 * 56 * 4
     shape = (math.ceil(2 * timing.last_level_cache_bytes(device) / per_sample), 64, 56, 56)
-    row = {"shape": shape, "dtype": "float32", "memory_format": "contiguous", "mode": mode}
+    row = Row(shape, "float32", "contiguous", mode)
     medians = {}
     for _ in range(2):  # interleave so drifting load hits both alike
         for impl in (builtin, twice):
@@ -83,25 +93,35 @@ def test_timer_measures_double_work_as_twice_the_time(mode, device):
             samples = timing.measure(w.step, device, prepare=w.prepare, budget_s=1.0)
             medians.setdefault(impl.name, []).append(samples.median)
     ratio = min(medians["twice"]) / min(medians["builtin"])
-    print(f"\ntimer check, {device} {mode} {row['shape']}: twice / builtin = {ratio:.3f} "
-          f"(builtin {min(medians['builtin']) * 1e3:.3f} ms, twice "
-          f"{min(medians['twice']) * 1e3:.3f} ms)")
+    print(
+        f"\ntimer check, {device} {mode} {row.shape}: twice / builtin = {ratio:.3f} "
+        f"(builtin {min(medians['builtin']) * 1e3:.3f} ms, twice "
+        f"{min(medians['twice']) * 1e3:.3f} ms)"
+    )
     assert 1.6 <= ratio <= 2.4
 
 
 def test_compare_real_runs_identical_code_passes_and_2x_is_flagged(tmp_path):
     """Real runs on this machine: the same code twice is not flagged; a 2x slowdown is."""
-    from test_cli import bnbench
+    from helpers import bnbench
 
     def run(directory, body):
         directory.mkdir()
         (directory / "candidate.py").write_text(body)
-        result = bnbench("bench", "--impl", "candidate:impl", "--calibration", "--no-verify",
-                         "--output", str(directory / "out"), cwd=directory)
+        result = bnbench(
+            "bench",
+            "--impl",
+            "candidate:impl",
+            "--calibration",
+            "--no-verify",
+            "--output",
+            str(directory / "out"),
+            cwd=directory,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         return directory / "out"
 
-    same = "from implementations.builtin import builtin as impl\n"
+    same = "from bnbench.implementations.builtin import builtin as impl\n"
     slow = "from workloads import twice as impl\n"
     first, second = run(tmp_path / "a", same), run(tmp_path / "b", same)
     slower = run(tmp_path / "c", slow)

@@ -2,47 +2,33 @@
 implementations that hang, crash or return NaN."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 import torch
 
-SUITES = Path(__file__).parent
-
-
-def bnbench(*args, cwd=None, pythonpath=(), timeout=600):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(p) for p in pythonpath] + [str(SUITES)]
-                                        + [env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "bnbench.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=timeout)
-
-
-def in_process(*args):
-    """The CLI in this process (no interpreter start-up): for commands that spawn no workers.
-    Returns what ``bnbench`` returns: returncode, stdout, stderr."""
-    from types import SimpleNamespace
-
-    from click.testing import CliRunner
-
-    from bnbench.cli import main
-
-    result = CliRunner().invoke(main, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout,
-                           stderr=result.stderr)
+from helpers import bnbench
 
 
 def test_passing_run_exits_0_and_writes_json_and_junit(tmp_path):
-    result = bnbench("verify", "--impl", "builtin", "--impl", "catalogue:PlainBatchNorm",
-                     "--device", "cpu", "--case", "default", "--case", "wrong_rank",
-                     "--json", str(tmp_path / "r.json"), "--junit", str(tmp_path / "r.xml"))
+    result = bnbench(
+        "verify",
+        "--impl",
+        "builtin",
+        "--impl",
+        "catalogue:PlainBatchNorm",
+        "--device",
+        "cpu",
+        "--case",
+        "default",
+        "--case",
+        "wrong_rank",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--junit",
+        str(tmp_path / "r.xml"),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK: 0 unexpected" in result.stdout
     report = json.loads((tmp_path / "r.json").read_text())
@@ -58,12 +44,22 @@ def test_passing_run_exits_0_and_writes_json_and_junit(tmp_path):
 
 
 def test_broken_implementation_exits_1_with_a_readable_report(tmp_path):
-    (tmp_path / "mybn.py").write_text(textwrap.dedent("""
+    (tmp_path / "mybn.py").write_text(
+        textwrap.dedent("""
         from catalogue import BiasedRunningVar, implementation
         biased = implementation(BiasedRunningVar)
-    """))
-    result = bnbench("verify", "--impl", "mybn:biased", "--case", "default-rank4",
-                     "--junit", str(tmp_path / "r.xml"), cwd=tmp_path)
+    """)
+    )
+    result = bnbench(
+        "verify",
+        "--impl",
+        "mybn:biased",
+        "--case",
+        "default-rank4",
+        "--junit",
+        str(tmp_path / "r.xml"),
+        cwd=tmp_path,
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAIL mybn:biased@cpu default-rank4" in result.stdout
     assert "running_var" in result.stdout and "max abs diff" in result.stdout
@@ -71,14 +67,17 @@ def test_broken_implementation_exits_1_with_a_readable_report(tmp_path):
     assert failure is not None and "running_var" in failure.text
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--impl", "nosuch"], "unknown implementation 'nosuch'"),
-    (["--impl", "no_such_module:X"], "cannot import module 'no_such_module'"),
-    (["--impl", "catalogue:NoSuchClass"], "has no attribute 'NoSuchClass'"),
-    (["--impl", "catalogue:BROKEN"], "not a bnbench.Implementation or an nn.Module class"),
-    (["--device", "tpu"], "Invalid value for '--device'"),
-    (["--case", "no-such-case"], "no case matches"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--impl", "nosuch"], "unknown implementation 'nosuch'"),
+        (["--impl", "no_such_module:X"], "cannot import module 'no_such_module'"),
+        (["--impl", "catalogue:NoSuchClass"], "has no attribute 'NoSuchClass'"),
+        (["--impl", "catalogue:BROKEN"], "not a bnbench.Implementation or an nn.Module class"),
+        (["--device", "tpu"], "Invalid value for '--device'"),
+        (["--case", "no-such-case"], "no case matches"),
+    ],
+)
 def test_usage_errors_exit_2_and_say_what_was_wrong(args, message):
     result = bnbench("verify", *args)
     assert result.returncode == 2, result.stdout + result.stderr
@@ -117,14 +116,33 @@ MISBEHAVING = textwrap.dedent("""
 
 def test_hang_crash_and_nan_fail_their_cases_without_stopping_the_run(tmp_path):
     (tmp_path / "misbehaving.py").write_text(MISBEHAVING)
-    result = bnbench("verify", "--impl", "misbehaving:Hangs", "--impl", "misbehaving:Crashes",
-                     "--impl", "misbehaving:NaNs", "--impl", "builtin",
-                     "--case", "momentum_none-rank2", "--case", "float64-rank2",
-                     "--case", "default-rank2", "--timeout", "5",
-                     "--json", str(tmp_path / "r.json"), cwd=tmp_path)
+    result = bnbench(
+        "verify",
+        "--impl",
+        "misbehaving:Hangs",
+        "--impl",
+        "misbehaving:Crashes",
+        "--impl",
+        "misbehaving:NaNs",
+        "--impl",
+        "builtin",
+        "--case",
+        "momentum_none-rank2",
+        "--case",
+        "float64-rank2",
+        "--case",
+        "default-rank2",
+        "--timeout",
+        "5",
+        "--json",
+        str(tmp_path / "r.json"),
+        cwd=tmp_path,
+    )
     assert result.returncode == 1, result.stdout + result.stderr
-    results = {(r["implementation"], r["case"]): r
-               for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    results = {
+        (r["implementation"], r["case"]): r
+        for r in json.loads((tmp_path / "r.json").read_text())["results"]
+    }
     hung = results[("misbehaving:Hangs", "momentum_none-rank2")]
     assert hung["verdict"] == "fail" and "hung" in hung["message"]
     crashed = results[("misbehaving:Crashes", "float64-rank2")]

@@ -1,50 +1,41 @@
 """The harness is itself tested: every deliberately broken implementation must fail the gate
 (on the case that targets its deviation), every faithful one written differently must pass."""
 
+import re
+
 import pytest
+
+from bnbench.cases import case_by_id
+from bnbench.checks import FAIL, UNSUPPORTED, Outcome, run_case
+from bnbench.gate import verdict
+from bnbench.registry import Implementation, UsageError
+from bnbench.results import Verdict
+
 from catalogue import BROKEN, CORRECT, PlainBatchNorm, implementation
-
-from bnbench.cases import all_cases, case_by_id
-from bnbench.checks import FAIL, Outcome, run_case
-from bnbench.gate import (
-    BAD_VERDICTS,
-    V_DEVIATION,
-    V_FAIL,
-    V_UNEXPECTED_PASS,
-    V_UNSUPPORTED,
-    verdict,
-)
-from bnbench.registry import Implementation
-
-CASES = all_cases()
-
-
-def gate_failures(impl):
-    failures = {}
-    for case in CASES:
-        v, message = verdict(impl, case, run_case(impl, case, "cpu"))
-        if v in BAD_VERDICTS:
-            failures[case.id] = message
-    return failures
-
-
-def test_catalogue_is_large_enough():
-    assert len(BROKEN) >= 15
-    assert len(CORRECT) >= 4
+from helpers import gate_failures
 
 
 @pytest.mark.parametrize("cls", list(BROKEN), ids=lambda c: c.__name__)
-def test_broken_implementation_fails_the_gate(cls):
-    target = case_by_id()[BROKEN[cls]]
+def test_broken_implementation_fails_its_case_for_its_stated_reason(cls):
+    expect = BROKEN[cls]
+    target = case_by_id()[expect.case]
     v, message = verdict(implementation(cls), target, run_case(implementation(cls), target, "cpu"))
-    assert v == V_FAIL, f"{cls.__name__} should fail {target.id}, got {v}"
-    assert message  # a failure always says what differs
+    assert v == Verdict.FAIL, f"{cls.__name__} should fail {target.id}, got {v}"
+    assert re.search(expect.message, message), (
+        f"{cls.__name__} failed {target.id} for another reason than stated "
+        f"({expect.message!r}):\n{message}"
+    )
 
 
 @pytest.mark.parametrize("cls", CORRECT, ids=lambda c: c.__name__)
 def test_faithful_implementation_passes_the_gate(cls):
     failures = gate_failures(implementation(cls))
     assert not failures, "\n".join(f"{k}: {v}" for k, v in failures.items())
+
+
+def test_a_deviation_pattern_that_matches_no_case_is_an_error_at_registration():
+    with pytest.raises(UsageError, match="match no case: momentum_nonee-"):
+        implementation(PlainBatchNorm, deviations={"momentum_nonee-*": "typo"})
 
 
 def test_broken_implementations_fail_overall_gate_not_just_one_case():
@@ -66,17 +57,20 @@ def test_failure_message_names_tensor_difference_and_location():
 def test_declared_deviation_is_expected_to_fail_and_passing_is_an_error():
     case = case_by_id()["default-rank2"]
     deviating = implementation(PlainBatchNorm, deviations={"default-*": "because"})
-    assert verdict(deviating, case, Outcome(FAIL, "x"))[0] == V_DEVIATION
-    assert verdict(deviating, case, run_case(deviating, case, "cpu"))[0] == V_UNEXPECTED_PASS
+    assert verdict(deviating, case, Outcome(FAIL, "x"))[0] == Verdict.DEVIATION
+    assert verdict(deviating, case, run_case(deviating, case, "cpu"))[0] == Verdict.UNEXPECTED_PASS
 
 
 def test_unsupported_cases_are_skipped_with_the_reason():
-    impl = implementation(PlainBatchNorm, momentum_none=False,
-                          dtypes=frozenset({__import__("torch").float32}))
+    impl = implementation(
+        PlainBatchNorm,
+        supports_momentum_none=False,
+        supports_dtypes=frozenset({__import__("torch").float32}),
+    )
     outcome = run_case(impl, case_by_id()["momentum_none-rank2"], "cpu")
-    assert outcome.status == "unsupported" and "momentum=None" in outcome.message
+    assert outcome.status == UNSUPPORTED and "momentum=None" in outcome.message
     outcome = run_case(impl, case_by_id()["float64-rank2"], "cpu")
-    assert verdict(impl, case_by_id()["float64-rank2"], outcome)[0] == V_UNSUPPORTED
+    assert verdict(impl, case_by_id()["float64-rank2"], outcome)[0] == Verdict.NOT_SUPPORTED
     assert "float64 not supported" in outcome.message
 
 
@@ -95,11 +89,14 @@ class _ReturnsTuple(PlainBatchNorm):
         return super().forward(x), None
 
 
-@pytest.mark.parametrize("cls, expected", [
-    (_Raises, "forward raised RuntimeError: kernel exploded"),
-    (_ReturnsNaN, "non-finite mismatch"),
-    (_ReturnsTuple, "forward returned tuple"),
-])
+@pytest.mark.parametrize(
+    "cls, expected",
+    [
+        (_Raises, "forward raised RuntimeError: kernel exploded"),
+        (_ReturnsNaN, "non-finite mismatch"),
+        (_ReturnsTuple, "forward returned tuple"),
+    ],
+)
 def test_misbehaving_implementation_fails_with_a_readable_message(cls, expected):
     outcome = run_case(implementation(cls), case_by_id()["default-rank4"], "cpu")
     assert outcome.status == FAIL

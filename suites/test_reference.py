@@ -86,8 +86,10 @@ def test_one_value_per_channel_raises_the_exact_message(shape):
     ref = ReferenceBatchNorm(4)
     with pytest.raises(ValueError) as info:
         ref.forward(torch.zeros(shape, dtype=torch.float64), training=True)
-    assert str(info.value) == ("Expected more than 1 value per channel when training, got input "
-                               f"size torch.Size({list(shape)})")
+    assert str(info.value) == (
+        "Expected more than 1 value per channel when training, got input "
+        f"size torch.Size({list(shape)})"
+    )
 
 
 def test_gradients_follow_the_closed_form():

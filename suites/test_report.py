@@ -6,16 +6,17 @@ import os
 
 import numpy as np
 import pytest
-from test_cli import bnbench, in_process
 
-from bnbench.bench import COLUMNS, to_csv
-from bnbench.gate import write_atomic
+from bnbench.results import COLUMNS, to_csv, write_atomic
+
+from helpers import bnbench, in_process
 
 MODES = ["forward_train", "forward_eval", "backward", "forward_backward"]
 
 
-def make_results(directory, slowdown=None, drift_seed=None, per_case=None, samples=True,
-                 verify=True):
+def make_results(
+    directory, slowdown=None, drift_seed=None, per_case=None, samples=True, verify=True
+):
     """A synthetic bnbench results directory: builtin, vectorized and compiled over batch
     sizes; ``slowdown`` multiplies one implementation's times; ``drift_seed`` gives every case
     the between-run drift measured on this machine (log-uniform, 0.6x to 1.6x)."""
@@ -34,30 +35,69 @@ def make_results(directory, slowdown=None, drift_seed=None, per_case=None, sampl
                 if drift is not None:
                     median *= math.exp(drift.uniform(math.log(0.6), math.log(1.6)))
                 draws = median * np.exp(rng.normal(0, 0.03, 15))
-                rows.append({
-                    "implementation": impl, "device": "cpu", "dtype": "float32", "mode": mode,
-                    "batch_size": batch, "channels": 64, "spatial": "28x28", "rank": 4,
-                    "shape": shape, "memory_format": "contiguous", "status": "ok",
-                    "verified": "pass", "median_s": float(np.median(draws)),
-                    "p20_s": float(np.quantile(draws, 0.2)),
-                    "p80_s": float(np.quantile(draws, 0.8)), "iqr_s": 0.0, "repetitions": 15,
-                    "bytes": 2 * batch * 64 * 28 * 28 * 4, "gbps": 1.0, "copy_gbps": 20.0,
-                    "floor_s": median / 5, "ratio_to_floor": 5.0, "clone_s": median / 3,
-                    "ratio_to_clone": 3.0, "cache_effect": False, "threads": 2,
-                    "compile_s": 2.0 if impl == "compiled" else 0.0, "graphs_compiled":
-                    1 if impl == "compiled" and batch == 1 else 0, "first_call_s": 2.0})
+                rows.append(
+                    {
+                        "implementation": impl,
+                        "device": "cpu",
+                        "dtype": "float32",
+                        "mode": mode,
+                        "batch_size": batch,
+                        "channels": 64,
+                        "spatial": "28x28",
+                        "rank": 4,
+                        "shape": shape,
+                        "memory_format": "contiguous",
+                        "status": "ok",
+                        "verified": "pass",
+                        "median_s": float(np.median(draws)),
+                        "p20_s": float(np.quantile(draws, 0.2)),
+                        "p80_s": float(np.quantile(draws, 0.8)),
+                        "iqr_s": 0.0,
+                        "repetitions": 15,
+                        "bytes": 2 * batch * 64 * 28 * 28 * 4,
+                        "gbps": 1.0,
+                        "copy_gbps": 20.0,
+                        "floor_s": median / 5,
+                        "ratio_to_floor": 5.0,
+                        "clone_s": median / 3,
+                        "ratio_to_clone": 3.0,
+                        "cache_effect": False,
+                        "threads": 2,
+                        "compile_s": 2.0 if impl == "compiled" else 0.0,
+                        "graphs_compiled": 1 if impl == "compiled" and batch == 1 else 0,
+                        "first_call_s": 2.0,
+                    }
+                )
                 sample_rows += [{"row": len(rows) - 1, "seconds": s} for s in draws]
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "results.csv").write_text(to_csv(rows, COLUMNS))
     if samples:
         (directory / "samples.csv").write_text(to_csv(sample_rows, ["row", "seconds"]))
-    (directory / "environment.json").write_text(json.dumps(
-        {"schema": "bnbench.bench/1", "host": "test", "torch": "x", "complete": True}))
+    (directory / "environment.json").write_text(
+        json.dumps({"schema": "bnbench.bench/1", "host": "test", "torch": "x", "complete": True})
+    )
     if verify:
-        (directory / "verify.json").write_text(json.dumps({"schema": "bnbench.verify/1",
-            "results": [{"implementation": "builtin", "device": "cpu", "check": "default",
-                         "verdict": "pass"}, {"implementation": "d2l", "device": "cpu",
-                                              "check": "default", "verdict": "deviation"}]}))
+        (directory / "verify.json").write_text(
+            json.dumps(
+                {
+                    "schema": "bnbench.verify/1",
+                    "results": [
+                        {
+                            "implementation": "builtin",
+                            "device": "cpu",
+                            "check": "default",
+                            "verdict": "pass",
+                        },
+                        {
+                            "implementation": "d2l",
+                            "device": "cpu",
+                            "check": "default",
+                            "verdict": "deviation",
+                        },
+                    ],
+                }
+            )
+        )
     return directory
 
 
@@ -70,8 +110,12 @@ def test_report_writes_markdown_self_contained_html_and_plots(tmp_path):
     assert page.count("data:image/png;base64,") >= 5
     assert "http://" not in page and "https://" not in page  # opens from disk, no network
     md = (tmp_path / "r" / "report.md").read_text()
-    for heading in ("Fastest implementation per case", "Correctness (bnbench verify)",
-                    "Environment", "Speed relative to builtin"):
+    for heading in (
+        "Fastest implementation per case",
+        "Correctness (bnbench verify)",
+        "Environment",
+        "Speed relative to builtin",
+    ):
         assert heading in md and heading in page
     assert "machine-a" in md and "machine-b" in md
     plots = sorted(os.listdir(tmp_path / "r" / "plots"))
@@ -82,13 +126,33 @@ def test_report_writes_markdown_self_contained_html_and_plots(tmp_path):
 
 
 def test_report_reads_pytest_benchmark_json(tmp_path):
-    data = {"machine_info": {"bnbench": {"host": "h"}}, "datetime": "now", "benchmarks": [
-        {"name": f"test_bench[{impl}-{batch}]", "stats": {
-            "median": t * batch, "q1": t * batch * 0.9, "q3": t * batch * 1.1, "iqr": 0.1,
-            "rounds": 30, "data": [t * batch] * 5},
-         "extra_info": {"implementation": impl, "device": "cpu", "mode": "forward_eval",
-                        "shape": f"{batch}x64x28x28", "dtype": "float32", "bytes": 100}}
-        for impl, t in (("builtin", 1e-4), ("vectorized", 2e-4)) for batch in (8, 64)]}
+    data = {
+        "machine_info": {"bnbench": {"host": "h"}},
+        "datetime": "now",
+        "benchmarks": [
+            {
+                "name": f"test_bench[{impl}-{batch}]",
+                "stats": {
+                    "median": t * batch,
+                    "q1": t * batch * 0.9,
+                    "q3": t * batch * 1.1,
+                    "iqr": 0.1,
+                    "rounds": 30,
+                    "data": [t * batch] * 5,
+                },
+                "extra_info": {
+                    "implementation": impl,
+                    "device": "cpu",
+                    "mode": "forward_eval",
+                    "shape": f"{batch}x64x28x28",
+                    "dtype": "float32",
+                    "bytes": 100,
+                },
+            }
+            for impl, t in (("builtin", 1e-4), ("vectorized", 2e-4))
+            for batch in (8, 64)
+        ],
+    }
     path = tmp_path / "pb.json"
     path.write_text(json.dumps(data))
     result = in_process("report", str(path), "--output", str(tmp_path / "r"))
@@ -96,19 +160,26 @@ def test_report_reads_pytest_benchmark_json(tmp_path):
     assert "vectorized" in (tmp_path / "r" / "report.md").read_text()
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: (d / "results.csv").unlink(), "results.csv: missing"),
-    (lambda d: (d / "results.csv").write_text("a,b\n1,2\n"), "missing columns implementation"),
-    (lambda d: (d / "environment.json").write_text("{not json"), "not valid JSON"),
-    (lambda d: (d / "environment.json").write_text('{"schema": "other/9"}'),
-     "schema 'other/9', expected 'bnbench.bench/1'"),
-    (lambda d: (d / "verify.json").write_text('{"schema": "nope"}'), "verify.json: schema"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "results.csv").unlink(), "results.csv: missing"),
+        (lambda d: (d / "results.csv").write_text("a,b\n1,2\n"), "missing columns implementation"),
+        (lambda d: (d / "environment.json").write_text("{not json"), "not valid JSON"),
+        (
+            lambda d: (d / "environment.json").write_text('{"schema": "other/9"}'),
+            "schema 'other/9', expected 'bnbench.bench/1'",
+        ),
+        (lambda d: (d / "verify.json").write_text('{"schema": "nope"}'), "verify.json: schema"),
+    ],
+)
 def test_unusable_input_gets_a_clear_error_naming_the_file(tmp_path, damage, message):
     d = make_results(tmp_path / "broken")
     damage(d)
-    for args in (["report", str(d), "--output", str(tmp_path / "r")],
-                 ["compare", str(make_results(tmp_path / "ok")), str(d)]):
+    for args in (
+        ["report", str(d), "--output", str(tmp_path / "r")],
+        ["compare", str(make_results(tmp_path / "ok")), str(d)],
+    ):
         result = in_process(*args)
         assert result.returncode == 2, result.stdout + result.stderr
         assert message in result.stderr and "broken" in result.stderr
@@ -152,8 +223,10 @@ def test_per_case_gate_and_threshold(tmp_path):
     new = make_results(tmp_path / "b", per_case=(("builtin", "backward", 64), 3.0))
     assert in_process("compare", str(base), str(new)).returncode == 0  # one case in 16
     assert in_process("compare", str(base), str(new), "--per-case").returncode == 1
-    assert in_process("compare", str(base), str(new), "--per-case", "--threshold",
-                   "250").returncode == 0
+    assert (
+        in_process("compare", str(base), str(new), "--per-case", "--threshold", "250").returncode
+        == 0
+    )
 
 
 def test_compare_without_samples_uses_the_spreads(tmp_path):
@@ -174,14 +247,32 @@ def test_compare_with_nothing_in_common_is_unusable_input(tmp_path):
 
 
 def test_run_verifies_benchmarks_and_reports_into_reports_name(tmp_path):
-    result = bnbench("run", "--impl", "builtin", "--device", "cpu", "--sweep", "smoke",
-                     "--name", "t", "--reports-dir", str(tmp_path))
+    result = bnbench(
+        "run",
+        "--impl",
+        "builtin",
+        "--device",
+        "cpu",
+        "--sweep",
+        "smoke",
+        "--name",
+        "t",
+        "--reports-dir",
+        str(tmp_path),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     out = tmp_path / "t"
-    for name in ("verify.json", "verify.xml", "results.csv", "samples.csv",
-                 "environment.json", "report.md", "report.html"):
+    for name in (
+        "verify.json",
+        "verify.xml",
+        "results.csv",
+        "samples.csv",
+        "environment.json",
+        "report.md",
+        "report.html",
+    ):
         assert (out / name).is_file(), name
     assert result.stdout.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
     text = (out / "report.md").read_text()
     assert "Correctness (bnbench verify)" in text
-    assert "BatchNorm against no BatchNorm on digits" in text and (out / "claim.csv").is_file()
+    assert "BatchNorm against no BatchNorm on digits" in text and (out / "study.csv").is_file()

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from bnbench.models import SwapError, swap, swap_back
 from bnbench.registry import resolve
+from bnbench.swap import SwapError, swap, swap_back
 from bnbench.zoo import MODELS, build, train
 
 # Stated tolerances for a 10-step SGD run against the builtin run: float64 keeps agreement to
@@ -20,9 +20,12 @@ def bn_layers(model):
 
 def test_swap_carries_everything_over_and_swaps_back():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, momentum=None, eps=1e-3),
-                          nn.Sequential(nn.Conv2d(1, 3, 1), nn.BatchNorm2d(3, affine=False)),
-                          nn.BatchNorm3d(2, track_running_stats=False)).double()
+    model = nn.Sequential(
+        nn.Linear(4, 6),
+        nn.BatchNorm1d(6, momentum=None, eps=1e-3),
+        nn.Sequential(nn.Conv2d(1, 3, 1), nn.BatchNorm2d(3, affine=False)),
+        nn.BatchNorm3d(2, track_running_stats=False),
+    ).double()
     stopped = nn.BatchNorm2d(5, dtype=torch.float64)
     model.append(stopped)
     spatial = {nn.BatchNorm1d: (), nn.BatchNorm2d: (3, 3), nn.BatchNorm3d: (3, 3, 3)}
@@ -43,8 +46,12 @@ def test_swap_carries_everything_over_and_swaps_back():
     assert set(after) == set(before)
     assert all(torch.equal(after[k], before[k]) for k in before)
     back = swap_back(swapped)
-    assert [type(m) for m in bn_layers(back)] == [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-                                                  nn.BatchNorm2d]
+    assert [type(m) for m in bn_layers(back)] == [
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.BatchNorm2d,
+    ]
     assert back[4].track_running_stats is False and not back[1].training
     assert all(torch.equal(back.state_dict()[k], before[k]) for k in before)
 
@@ -54,10 +61,23 @@ def test_a_model_that_is_a_single_batchnorm_is_swapped_too():
     assert type(swapped).__name__ == "VectorizedBatchNorm2d"
 
 
+def test_swap_and_swap_back_are_public_names_of_the_package():
+    import bnbench
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    swapped = bnbench.swap(model, "vectorized")
+    assert type(swapped[1]).__name__ == "VectorizedBatchNorm1d"
+    assert type(bnbench.swap_back(swapped)[1]) is nn.BatchNorm1d
+    assert bnbench.SwapError is SwapError
+
+
 def test_unsupported_configuration_names_the_layer():
     model = nn.Sequential(nn.Linear(4, 6), nn.Sequential(nn.BatchNorm1d(6, momentum=None)))
-    with pytest.raises(SwapError, match=r"^1\.0 \(BatchNorm1d\(6.*cannot be replaced by d2l: "
-                                        r"momentum=None"):
+    with pytest.raises(
+        SwapError,
+        match=r"^1\.0 \(BatchNorm1d\(6.*cannot be replaced by d2l: "
+        r"momentum=None",
+    ):
         swap(model, "d2l")
 
 
@@ -73,20 +93,26 @@ def test_training_with_a_swapped_implementation_matches_builtin(name, dtype, imp
         pytest.skip(str(exc))
     candidate = train(model, name, dtype=dtype)
     tol = TOLERANCE[dtype]
-    torch.testing.assert_close(torch.tensor(candidate.losses), torch.tensor(reference.losses),
-                               **tol, msg=lambda m: f"loss trajectory: {m}")
-    for (key, ref), (_, got) in zip(reference.parameters.items(),
-                                    candidate.parameters.items()):
-        torch.testing.assert_close(got.reshape(ref.shape), ref, **tol,
-                                   msg=lambda m, key=key: f"final {key}: {m}")
+    torch.testing.assert_close(
+        torch.tensor(candidate.losses),
+        torch.tensor(reference.losses),
+        **tol,
+        msg=lambda m: f"loss trajectory: {m}",
+    )
+    for (key, ref), (_, got) in zip(reference.parameters.items(), candidate.parameters.items()):
+        torch.testing.assert_close(
+            got.reshape(ref.shape), ref, **tol, msg=lambda m, key=key: f"final {key}: {m}"
+        )
     stats_and_eval_match = True
     try:
         ref_buffers = {k: v for k, v in reference.buffers.items() if "running" in k}
         for key, ref in ref_buffers.items():
-            torch.testing.assert_close(candidate.buffers.get(key), ref, **tol,
-                                       msg=lambda m, key=key: f"{key}: {m}")
-        torch.testing.assert_close(candidate.eval_output, reference.eval_output, **tol,
-                                   msg=lambda m: f"eval outputs: {m}")
+            torch.testing.assert_close(
+                candidate.buffers.get(key), ref, **tol, msg=lambda m, key=key: f"{key}: {m}"
+            )
+        torch.testing.assert_close(
+            candidate.eval_output, reference.eval_output, **tol, msg=lambda m: f"eval outputs: {m}"
+        )
     except (AssertionError, TypeError):
         if not impl.deviations:
             raise
@@ -98,8 +124,9 @@ def test_training_with_a_swapped_implementation_matches_builtin(name, dtype, imp
 def test_scratch_lenet_trains_like_the_nn_lenet_until_eval():
     reference = train(build("lenet_bn", seed=3), "lenet_bn")
     scratch = train(build("lenet_bn_scratch", seed=3), "lenet_bn_scratch")
-    torch.testing.assert_close(torch.tensor(scratch.losses), torch.tensor(reference.losses),
-                               **TOLERANCE[torch.float32])
+    torch.testing.assert_close(
+        torch.tensor(scratch.losses), torch.tensor(reference.losses), **TOLERANCE[torch.float32]
+    )
     # The book's biased moving variance shows once the model is evaluated.
     assert not torch.allclose(scratch.eval_output, reference.eval_output, rtol=1e-4, atol=1e-5)
 

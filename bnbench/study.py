@@ -1,4 +1,5 @@
-"""Does BatchNorm make training faster? The seeds claim it does; this measures it.
+"""The BatchNorm study: does BatchNorm make training faster? The seeds claim it does; this
+measures it.
 
 The same networks are trained on scikit-learn's digits with their BatchNorm layers, and with
 them replaced by identities, over several seeds each (same initialization order, same batches
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnbench import zoo
-from bnbench.gate import write_atomic
+from bnbench.results import STUDY_SCHEMA, to_csv, write_atomic
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,16 @@ def run_one(name: str, batchnorm: bool, seed: int, study: Study) -> list[dict]:
             model.eval()
             with torch.no_grad():
                 accuracy = float((model(x_test).argmax(1) == y_test).double().mean())
-            rows.append({"model": name, "batchnorm": batchnorm, "seed": seed, "step": step,
-                         "train_loss": float(loss.detach()), "test_accuracy": accuracy})
+            rows.append(
+                {
+                    "model": name,
+                    "batchnorm": batchnorm,
+                    "seed": seed,
+                    "step": step,
+                    "train_loss": float(loss.detach()),
+                    "test_accuracy": accuracy,
+                }
+            )
     return rows
 
 
@@ -96,12 +105,19 @@ def summarize(rows: list[dict], target: float) -> list[dict]:
         got = sorted(s for s in reached if s is not None)
         mean = sum(finals) / len(finals)
         std = math.sqrt(sum((f - mean) ** 2 for f in finals) / max(len(finals) - 1, 1))
-        out.append({"model": name, "batchnorm": batchnorm, "seeds": len(seeds),
-                    "reached_target": len(got),
-                    "steps_to_target_median": got[len(got) // 2] if got else None,
-                    "steps_to_target_min": got[0] if got else None,
-                    "steps_to_target_max": got[-1] if got else None,
-                    "final_accuracy_mean": mean, "final_accuracy_std": std})
+        out.append(
+            {
+                "model": name,
+                "batchnorm": batchnorm,
+                "seeds": len(seeds),
+                "reached_target": len(got),
+                "steps_to_target_median": got[len(got) // 2] if got else None,
+                "steps_to_target_min": got[0] if got else None,
+                "steps_to_target_max": got[-1] if got else None,
+                "final_accuracy_mean": mean,
+                "final_accuracy_std": std,
+            }
+        )
     return out
 
 
@@ -113,9 +129,13 @@ def conclusion(summary: list[dict], target: float) -> list[str]:
         without = next(s for s in summary if s["model"] == name and not s["batchnorm"])
         faster = _earlier(with_bn, without)
         better = with_bn["final_accuracy_mean"] - without["final_accuracy_mean"]
-        verdict = ("BatchNorm helps" if faster and better >= -0.01 else
-                   "BatchNorm does not help" if not faster and better <= 0.01 else
-                   "mixed result")
+        verdict = (
+            "BatchNorm helps"
+            if faster and better >= -0.01
+            else "BatchNorm does not help"
+            if not faster and better <= 0.01
+            else "mixed result"
+        )
         lines.append(
             f"{name}: {verdict} on this data. With BN {with_bn['reached_target']}/"
             f"{with_bn['seeds']} seeds reached {target:.0%} held-out accuracy (median step "
@@ -123,7 +143,8 @@ def conclusion(summary: list[dict], target: float) -> list[str]:
             f"{without['seeds']} (median step {without['steps_to_target_median']}); final "
             f"held-out accuracy {with_bn['final_accuracy_mean']:.3f} +- "
             f"{with_bn['final_accuracy_std']:.3f} with BN, {without['final_accuracy_mean']:.3f}"
-            f" +- {without['final_accuracy_std']:.3f} without.")
+            f" +- {without['final_accuracy_std']:.3f} without."
+        )
     return lines
 
 
@@ -149,10 +170,20 @@ def plot(rows: list[dict], target: float):
             mine = [r for r in rows if r["model"] == name and r["batchnorm"] == batchnorm]
             steps = sorted({r["step"] for r in mine})
             per_step = [[r["test_accuracy"] for r in mine if r["step"] == s] for s in steps]
-            ax.plot(steps, [sum(v) / len(v) for v in per_step], color=color,
-                    label=("with" if batchnorm else "without") + " BatchNorm (mean)")
-            ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step],
-                            color=color, alpha=0.2, label="min-max over seeds")
+            ax.plot(
+                steps,
+                [sum(v) / len(v) for v in per_step],
+                color=color,
+                label=("with" if batchnorm else "without") + " BatchNorm (mean)",
+            )
+            ax.fill_between(
+                steps,
+                [min(v) for v in per_step],
+                [max(v) for v in per_step],
+                color=color,
+                alpha=0.2,
+                label="min-max over seeds",
+            )
         ax.axhline(target, color="grey", linestyle="--", linewidth=0.8)
         ax.set_title(f"{name}: held-out accuracy on digits")
         ax.set_xlabel("SGD step")
@@ -165,17 +196,25 @@ def plot(rows: list[dict], target: float):
 
 
 def write_study(output: Path, study: Study = QUICK_STUDY) -> list[str]:
-    """claim.csv (every recorded point) and claim.json (summary and conclusion)."""
+    """study.csv (every recorded point) and study.json (summary and conclusion)."""
     import json
-
-    from bnbench.bench import to_csv
 
     rows = run_study(study)
     summary = summarize(rows, study.target)
     lines = conclusion(summary, study.target)
     output.mkdir(parents=True, exist_ok=True)
-    write_atomic(output / "claim.csv", to_csv(rows, list(rows[0])))
-    write_atomic(output / "claim.json", json.dumps(
-        {"schema": "bnbench.claim/1", "study": study.__dict__, "summary": summary,
-         "conclusion": lines}, indent=2, default=list))
+    write_atomic(output / "study.csv", to_csv(rows, list(rows[0])))
+    write_atomic(
+        output / "study.json",
+        json.dumps(
+            {
+                "schema": STUDY_SCHEMA,
+                "study": study.__dict__,
+                "summary": summary,
+                "conclusion": lines,
+            },
+            indent=2,
+            default=list,
+        ),
+    )
     return lines

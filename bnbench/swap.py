@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bnbench.cases import Case
-from bnbench.registry import Implementation, resolve
+from bnbench.registry import Config, Implementation, resolve
 
 # Input rank each builtin class is swapped for (BatchNorm1d serves ranks 2 and 3 alike).
 BUILTIN_RANKS = {nn.BatchNorm1d: 2, nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
@@ -37,8 +36,7 @@ def _copy_state(source: dict, target: dict, layer: str) -> None:
             if src is None or dst is None:
                 continue
             if dst.numel() != src.numel():
-                raise SwapError(f"{layer}: {role} has {dst.numel()} values, expected "
-                                f"{src.numel()}")
+                raise SwapError(f"{layer}: {role} has {dst.numel()} values, expected {src.numel()}")
             dst.copy_(src.reshape(dst.shape).to(dst.dtype))
 
 
@@ -57,9 +55,10 @@ def _layer_tensors(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     return tensors[0].device, tensors[0].dtype
 
 
-def swap(model: nn.Module, implementation) -> nn.Module:
+def swap(model: nn.Module, implementation, *, backward: bool = True) -> nn.Module:
     """Replace every nn.BatchNorm1d/2d/3d in ``model`` (in place; returns the model, or the new
-    layer when ``model`` is itself a BatchNorm)."""
+    layer when ``model`` is itself a BatchNorm). ``backward=False``: the model will only run
+    forward, so an implementation without a backward may stand in."""
     impl = _implementation(implementation)
     for name, module in list(model.named_modules()):
         rank = BUILTIN_RANKS.get(type(module))
@@ -67,30 +66,56 @@ def swap(model: nn.Module, implementation) -> nn.Module:
             continue
         device, dtype = _layer_tensors(module)
         has_buffers = module.running_mean is not None
+        has_bias = not module.affine or module.bias is not None
         c = module.num_features
-        case = Case("swap", "steps", rank, (2, c) + (2,) * (rank - 2), "swap", dtype=dtype,
-                    module_dtype=dtype, eps=module.eps, momentum=module.momentum,
-                    affine=module.affine, track_running_stats=has_buffers,
-                    stop_tracking_after=0 if has_buffers and not module.track_running_stats
-                    else None)
-        reasons = impl.not_supported_reasons(case, device.type)
+        config = Config(
+            rank=rank,
+            device=device.type,
+            dtype=dtype,
+            module_dtype=dtype,
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
+            bias=has_bias,
+            track_running_stats=has_buffers,
+            tracking_switched_off=has_buffers and not module.track_running_stats,
+            needs_backward=backward,
+        )
+        reasons = impl.not_supported_reasons(config)
         if reasons:
             layer = name or "the model"
-            raise SwapError(f"{layer} ({module!r}) cannot be replaced by {impl.name}: "
-                            + "; ".join(reasons))
-        new = impl.factory(rank, c, eps=module.eps, momentum=module.momentum,
-                           affine=module.affine, track_running_stats=has_buffers,
-                           device=device, dtype=dtype)
-        _copy_state({r: getattr(module, r, None) for r in _ROLES}, impl.state(new),
-                    name or "the model")
+            raise SwapError(
+                f"{layer} ({module!r}) cannot be replaced by {impl.name}: " + "; ".join(reasons)
+            )
+        new = impl.make(
+            config,
+            c,
+            explicit_kwargs=dict(
+                eps=module.eps,
+                momentum=module.momentum,
+                affine=module.affine,
+                track_running_stats=has_buffers,
+            ),
+            device=device,
+        )
+        _copy_state(
+            {r: getattr(module, r, None) for r in _ROLES}, impl.state(new), name or "the model"
+        )
         if has_buffers and not module.track_running_stats:
-            new.track_running_stats = False
+            setattr(new, "track_running_stats", False)  # noqa: B010 (nn.Module attribute)
         new.train(module.training)
-        new._bnbench_swap = {"implementation": impl, "class": type(module),
-                             "num_features": c, "eps": module.eps,
-                             "momentum": module.momentum, "affine": module.affine,
-                             "has_buffers": has_buffers,
-                             "track_running_stats": module.track_running_stats}
+        record = {
+            "implementation": impl,
+            "class": type(module),
+            "num_features": c,
+            "eps": module.eps,
+            "momentum": module.momentum,
+            "affine": module.affine,
+            "has_buffers": has_buffers,
+            "bias": has_bias,
+            "track_running_stats": module.track_running_stats,
+        }
+        object.__setattr__(new, "_bnbench_swap", record)  # a plain attribute, not a submodule
         model = _replace(model, name, new)
     return model
 
@@ -102,14 +127,24 @@ def swap_back(model: nn.Module) -> nn.Module:
         if config is None:
             continue
         device, dtype = _layer_tensors(module)
-        builtin = config["class"](config["num_features"], eps=config["eps"],
-                                  momentum=config["momentum"], affine=config["affine"],
-                                  track_running_stats=config["has_buffers"], device=device,
-                                  dtype=dtype)
-        _copy_state(config["implementation"].state(module),
-                    {r: getattr(builtin, r, None) for r in _ROLES}, name or "the model")
-        builtin.track_running_stats = getattr(module, "track_running_stats",
-                                              config["track_running_stats"])
+        builtin = config["class"](
+            config["num_features"],
+            eps=config["eps"],
+            momentum=config["momentum"],
+            affine=config["affine"],
+            track_running_stats=config["has_buffers"],
+            device=device,
+            dtype=dtype,
+            **({} if config["bias"] else {"bias": False}),
+        )
+        _copy_state(
+            config["implementation"].state(module),
+            {r: getattr(builtin, r, None) for r in _ROLES},
+            name or "the model",
+        )
+        builtin.track_running_stats = getattr(
+            module, "track_running_stats", config["track_running_stats"]
+        )
         builtin.train(module.training)
         model = _replace(model, name, builtin)
     return model

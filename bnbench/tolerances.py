@@ -61,8 +61,9 @@ def _fmt_index(flat_index: int, shape: torch.Size) -> str:
     return "(" + ", ".join(str(i) for i in reversed(idx)) + ")"
 
 
-def compare_tensors(name: str, actual, expected: torch.Tensor, dtype: torch.dtype,
-                    statistics: bool = False) -> str | None:
+def compare_tensors(
+    name: str, actual, expected: torch.Tensor, dtype: torch.dtype, statistics: bool = False
+) -> str | None:
     """None when ``actual`` matches ``expected`` (float64) within the tolerance of ``dtype``
     (the statistics table, with an unscaled atol, when ``statistics``)."""
     if actual is None:
@@ -81,8 +82,10 @@ def compare_tensors(name: str, actual, expected: torch.Tensor, dtype: torch.dtyp
     if mismatch_nonfinite.any():
         flat = int(mismatch_nonfinite.flatten().nonzero()[0])
         count = int(mismatch_nonfinite.sum())
-        return (f"{name}: {count} non-finite mismatch(es), first at {_fmt_index(flat, a.shape)}: "
-                f"got {a.flatten()[flat].item():.6g}, expected {e.flatten()[flat].item():.6g}")
+        return (
+            f"{name}: {count} non-finite mismatch(es), first at {_fmt_index(flat, a.shape)}: "
+            f"got {a.flatten()[flat].item():.6g}, expected {e.flatten()[flat].item():.6g}"
+        )
     tol = tolerance_for(dtype, statistics)
     finite = ~bad_e
     a = torch.where(finite, a, 0.0)

@@ -1,0 +1,79 @@
+"""The main job, ``bnbench run``: verify, benchmark, the BatchNorm study and a report, all into
+one directory. The CLI calls :func:`run`; a notebook can too.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bnbench import gate
+from bnbench.cases import all_cases
+from bnbench.registry import Implementation
+from bnbench.results import environment, write_atomic
+
+
+class Listener:
+    """What the pipeline says while it works; the CLI prints it, the default says nothing."""
+
+    def stage(self, number: int, total: int, title: str) -> None:
+        pass
+
+    def verified(self, results: list[gate.Result], seconds: float) -> None:
+        pass
+
+    def benchmarked(self, directory: Path) -> None:
+        pass
+
+    def line(self, text: str) -> None:
+        pass
+
+
+@dataclass
+class RunOutcome:
+    directory: Path
+    report: Path
+    results: list[gate.Result]
+
+    @property
+    def ok(self) -> bool:
+        """Every gate result as expected (what ``bnbench run``'s exit code says)."""
+        return all(r.ok for r in self.results)
+
+
+def run(
+    impls: list[Implementation],
+    specs: list[str],
+    devices: list[str],
+    output: Path,
+    *,
+    sweep_name: str = "quick",
+    baseline: str = "builtin",
+    listener: Listener | None = None,
+) -> RunOutcome:
+    """verify.json/.xml, results.csv (the sweep), study.csv/.json and report.html in
+    ``output``."""
+    from bnbench import bench
+    from bnbench.report import write_report
+    from bnbench.study import QUICK_STUDY, SMOKE_STUDY, write_study
+
+    say = listener or Listener()
+    output = Path(output)
+    say.stage(1, 4, f"verify -> {output}/verify.json")
+    start = time.perf_counter()
+    results = gate.run_gate(impls, specs, devices, all_cases())
+    say.verified(results, time.perf_counter() - start)
+    output.mkdir(parents=True, exist_ok=True)
+    write_atomic(output / "verify.json", gate.to_json(results, environment()))
+    write_atomic(output / "verify.xml", gate.to_junit(results))
+    sweep = bench.SWEEPS[sweep_name]
+    say.stage(2, 4, f"bench ({sweep.name} sweep) -> {output}/results.csv")
+    bench.run_sweep(impls, specs, devices, sweep, output)
+    say.benchmarked(output)
+    say.stage(3, 4, "BatchNorm against no BatchNorm on digits")
+    for text in write_study(output, SMOKE_STUDY if sweep_name == "smoke" else QUICK_STUDY):
+        say.line(text)
+    say.stage(4, 4, "report")
+    report = write_report([str(output)], output, baseline=baseline)
+    return RunOutcome(output, report, results)
