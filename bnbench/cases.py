@@ -8,6 +8,7 @@ Its id, ``<check>-rank<R>``, is what reports, pytest ids and declared deviations
 from __future__ import annotations
 
 import dataclasses
+import os
 import zlib
 from dataclasses import dataclass
 
@@ -49,10 +50,20 @@ class Case:
     backward: bool = True
     double_backward: bool = False
     rank_specific: bool = False
-    error: str | None = None  # kind == error: the exact ValueError message
+    error: str | None = None  # kind == error: what is wrong with the input (for the report)
     salt: int = 0  # varies the generated inputs between cases of the same id (property tests)
     # False: construct with num_features alone, so the constructor's own defaults are tested.
     explicit_kwargs: bool = True
+    bias: bool = True  # False: torch's keyword-only bias=False (a weight, no bias)
+    offset: float = 0.0  # every channel's |mean| / std, when large offsets are the point
+    small_std: float = 0.01  # the last channel's std (its variance against eps)
+    batch_sizes: tuple[int, ...] = ()  # the batch size of each step, when it varies
+    grad_layout: str = "same"  # grad_output: same | permuted (non-contiguous) | channels_last
+    input_grad: bool = True  # False: only the parameters require grad
+    frozen_affine: bool = False  # weight and bias with requires_grad=False
+    # (before step i, action): attribute changes, resets, loads between calls (see checks.py)
+    actions: tuple[tuple[int, str], ...] = ()
+    category: str = ""  # numerics | running state | lifecycle | object contract | autograd | errors
 
     @property
     def id(self) -> str:
@@ -89,6 +100,7 @@ class Case:
             eps=self.eps,
             momentum=self.momentum,
             affine=self.affine,
+            bias=self.bias,
             track_running_stats=self.track_running_stats,
             tracking_switched_off=self.stop_tracking_after is not None,
             needs_backward=self.needs_backward,
@@ -334,7 +346,303 @@ def all_cases() -> list[Case]:
                 error=wrong_rank_message(module_rank, len(input_shape)),
             )
         )
+    if os.environ.get("BNBENCH_GATE_ROUND2") == "1":
+        # Work in progress (issue 9): sizes, numerics, lifecycle, object and autograd contract,
+        # bias=False. Not yet in the default run: d2l's deviations for them are undeclared and
+        # they double verify's time on 2 cores.
+        c += _round_two_cases()
+    return [dataclasses.replace(case, category=category_of(case.check)) for case in c]
+
+
+# Sizes that cross the boundaries kernels have (vector widths, blocks, tiles, fast paths):
+# values per channel just below, at and above multiples of 8, 16, 64, 256 and 1024, above 2^12
+# and 2^16; one channel, odd channel counts, counts above 8 that are not multiples of 8; batches
+# above 64. One or two steps each: forward and backward reductions both run.
+SIZES: list[tuple[str, tuple[int, ...], str]] = [
+    ("size_7_c1", (7, 1), "7 values per channel, one channel"),
+    ("size_8_c3", (8, 3), "8 values per channel"),
+    ("size_17_c9", (1, 9, 17), "17 values per channel, 9 channels"),
+    ("size_63_c13", (7, 13, 3, 3), "63 values per channel, 13 channels"),
+    ("size_64_c1", (4, 1, 4, 4), "64 values per channel, one channel"),
+    ("size_255_c17", (3, 17, 85), "255 values per channel, 17 channels"),
+    ("size_256_c3", (1, 3, 16, 16), "256 values per channel (one tile of 16x16)"),
+    ("size_1023_c5", (3, 5, 11, 31), "1023 values per channel"),
+    ("size_1025_c11", (5, 11, 5, 41), "1025 values per channel, 11 channels"),
+    ("size_1041_c13", (3, 13, 347), "1041 values per channel, 13 channels"),
+    ("size_4205_c3", (5, 3, 29, 29), "4205 values per channel (above 2^12)"),
+    ("size_65557_c2", (65557, 2), "65557 values per channel (above 2^16), N=65557"),
+    ("size_68850_c2", (2, 2, 17, 45, 45), "68850 values per channel (above 2^16), rank 5"),
+    ("batch_65_c3", (65, 3, 3, 5), "batch of 65 (above 64)"),
+    ("batch_129_c11", (129, 11), "batch of 129, 11 channels"),
+    ("batch_300_c10", (300, 10, 7), "batch of 300, 10 channels"),
+]
+
+
+def _round_two_cases() -> list[Case]:
+    c: list[Case] = []
+    for check, shape, description in SIZES:
+        c.append(Case(check, "steps", len(shape), shape, description, steps=("train", "eval")))
+    # Numerics: large offsets, variance at and below eps, half counts beyond exact integers.
+    for r, shape in ((2, (600, 4)), (3, (8, 4, 75)), (4, (6, 4, 10, 10))):
+        c.append(
+            Case(
+                "large_offset",
+                "steps",
+                r,
+                shape,
+                "|mean|/std = 1000 on every channel (a one-pass E[x^2]-E[x]^2 fails)",
+                offset=1e3,
+                steps=("train", "train", "eval"),
+            )
+        )
+    for r in (2, 4):
+        c.append(
+            Case(
+                "variance_below_eps",
+                "steps",
+                r,
+                BASE_SHAPES[r],
+                "a channel whose variance (1e-7) is below eps",
+                small_std=3e-4,
+            )
+        )
+        c.append(
+            Case(
+                "variance_at_eps",
+                "steps",
+                r,
+                BASE_SHAPES[r],
+                "a channel whose variance equals eps",
+                small_std=10**-2.5,
+            )
+        )
+    c.append(
+        Case(
+            "float16_many",
+            "steps",
+            4,
+            (3, 3, 40, 40),
+            "float16 input, 4800 values per channel (past float16's exact integers)",
+            dtype=torch.float16,
+            steps=("train", "eval"),
+        )
+    )
+    c.append(
+        Case(
+            "bfloat16_many",
+            "steps",
+            3,
+            (4, 3, 300),
+            "bfloat16 input, 1200 values per channel (past bfloat16's exact integers)",
+            dtype=torch.bfloat16,
+            steps=("train", "eval"),
+        )
+    )
+    # torch 2.13's keyword-only bias=False (only where the installed torch has it).
+    if builtin_has_bias_argument():
+        c += _per_rank("bias_false", "bias=False: a weight and no bias", bias=False)
+        c += _per_rank(
+            "defaults_bias_false",
+            "fresh module, bias=False: bias is None, absent from state_dict",
+            kind="defaults",
+            bias=False,
+        )
+        c += _per_rank(
+            "state_dict_bias_false",
+            "state_dict round trip, bias=False",
+            kind="state_dict",
+            bias=False,
+        )
+    # Lifecycle: a module lives through many calls.
+    lifecycle: list[tuple[str, str, dict]] = [
+        (
+            "momentum_assigned",
+            "module.momentum assigned between calls",
+            dict(actions=((2, "momentum=0.6"), (4, "momentum=None"))),
+        ),
+        (
+            "eps_assigned",
+            "module.eps assigned between calls (channel of small variance)",
+            dict(actions=((2, "eps=0.1"),)),
+        ),
+        (
+            "training_assigned",
+            "module.training assigned directly (not .train()/.eval())",
+            dict(steps=("train_attr", "eval_attr", "train_attr", "eval_attr")),
+        ),
+        (
+            "tracking_toggled",
+            "track_running_stats switched off, then on again",
+            dict(actions=((1, "tracking_off"), (3, "tracking_on"))),
+        ),
+        (
+            "load_between_calls",
+            "load_state_dict between eval calls (no stale cache)",
+            dict(
+                steps=("train", "eval", "eval", "train", "eval"), actions=((2, "load_state_dict"),)
+            ),
+        ),
+        (
+            "reset_between_calls",
+            "reset_running_stats between calls (no stale cache)",
+            dict(steps=("train", "eval", "eval", "train"), actions=((2, "reset_running_stats"),)),
+        ),
+        (
+            "weight_updated_in_place",
+            "weight and bias updated in place between eval calls",
+            dict(
+                steps=("train", "eval", "eval", "train", "eval"),
+                actions=((2, "scale_parameters"), (4, "scale_parameters")),
+            ),
+        ),
+        (
+            "varying_batch",
+            "batch size changes from step to step",
+            dict(batch_sizes=(2, 7, 3, 5, 4, 6)),
+        ),
+        (
+            "momentum_none_varying_batch",
+            "momentum=None with varying batch sizes: the average is per batch, not per sample",
+            dict(momentum=None, batch_sizes=(2, 9, 3, 6, 4, 5)),
+        ),
+        (
+            "buffers_set_to_none",
+            "running buffers set to None on a tracking module (test-time "
+            "adaptation): batch statistics in eval too",
+            dict(actions=((1, "buffers_none"),)),
+        ),
+    ]
+    for check, description, kw in lifecycle:
+        c += _per_rank(check, description, **kw)
+    c += _per_rank(
+        "legacy_state_dict",
+        "a state_dict without num_batches_tracked (saved "
+        "before it existed) loads as into nn.BatchNorm",
+        kind="legacy_state_dict",
+    )
+    c += _per_rank("two_instances", "two modules never share state", kind="two_instances")
+    # Object contract.
+    c += _per_rank(
+        "module_dtype",
+        "dtype=float16/bfloat16/float64 and device='meta': "
+        "parameter and buffer dtypes and devices as nn.BatchNorm's",
+        kind="module_dtype",
+    )
+    c += _per_rank(
+        "copy_and_save",
+        "deepcopy, pickle and torch.save/load round trips keep state and behaviour",
+        kind="copy_and_save",
+    )
+    # Autograd contract.
+    autograd: list[tuple[str, str, dict]] = [
+        (
+            "grad_params_only",
+            "input without requires_grad: weight and bias grads still flow",
+            dict(input_grad=False),
+        ),
+        (
+            "frozen_affine",
+            "weight and bias frozen (requires_grad=False): input grad only",
+            dict(frozen_affine=True),
+        ),
+        (
+            "grad_output_permuted",
+            "non-contiguous grad_output (a downstream transpose)",
+            dict(grad_layout="permuted"),
+        ),
+    ]
+    for check, description, kw in autograd:
+        c += _per_rank(check, description, **kw)
+    c += _per_rank(
+        "grad_output_channels_last",
+        "channels_last grad_output for a contiguous input (a downstream permute)",
+        ranks=(4, 5),
+        grad_layout="channels_last",
+    )
+    c += _per_rank(
+        "grad_output_contiguous_for_channels_last",
+        "contiguous grad_output for a channels_last input",
+        ranks=(4, 5),
+        memory_format="channels_last",
+        grad_layout="contiguous",
+    )
+    # Errors nn.BatchNorm raises for inputs it cannot take.
+    c += _per_rank(
+        "wrong_channels",
+        "an input with one channel too many raises as nn.BatchNorm does",
+        kind="wrong_channels",
+    )
     return c
+
+
+def builtin_has_bias_argument() -> bool:
+    """Whether the installed torch's nn.BatchNorm takes the keyword-only ``bias`` (2.13+)."""
+    import inspect
+
+    from torch import nn
+
+    return "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
+
+
+CATEGORIES = ("numerics", "running state", "lifecycle", "object contract", "autograd", "errors")
+_RUNNING_STATE = {
+    "momentum_float",
+    "momentum_none",
+    "momentum_0",
+    "momentum_1",
+    "no_running_stats",
+    "not_affine_no_running_stats",
+    "stop_tracking",
+    "momentum_none_stop_tracking",
+    "eval_first",
+    "mode_from_training_flag",
+    "zero_batch",
+}
+_LIFECYCLE = {
+    "reset",
+    "momentum_assigned",
+    "eps_assigned",
+    "training_assigned",
+    "tracking_toggled",
+    "load_between_calls",
+    "reset_between_calls",
+    "weight_updated_in_place",
+    "varying_batch",
+    "momentum_none_varying_batch",
+    "buffers_set_to_none",
+    "legacy_state_dict",
+    "two_instances",
+}
+_OBJECT = {
+    "default_constructor",
+    "channels_last",
+    "channels_last_float16",
+    "module_dtype",
+    "copy_and_save",
+    "non_contiguous",
+}
+_ERRORS = {
+    "one_value_per_channel",
+    "one_value_per_channel_no_running_stats",
+    "eps_zero",
+    "wrong_rank",
+    "wrong_channels",
+}
+
+
+def category_of(check: str) -> str:
+    """The category a check belongs to (the matrix, JSON and JUnit group by it)."""
+    if check in _RUNNING_STATE:
+        return "running state"
+    if check in _LIFECYCLE or check.startswith("state_dict"):
+        return "lifecycle"
+    if check in _OBJECT or check.startswith("defaults"):
+        return "object contract"
+    if check.startswith(("gradcheck", "gradgradcheck", "grad_")) or check == "frozen_affine":
+        return "autograd"
+    if check in _ERRORS:
+        return "errors"
+    return "numerics"
 
 
 def case_by_id() -> dict[str, Case]:

@@ -7,6 +7,7 @@ becomes a failure message naming the step, the tensor and the difference.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import traceback
 from dataclasses import dataclass
 
@@ -44,12 +45,17 @@ def _generator(case: Case, salt: int) -> torch.Generator:
 
 def make_input(case: Case, step: int, device: str) -> torch.Tensor:
     shape = tuple(case.shape)
+    if case.batch_sizes:
+        shape = (case.batch_sizes[step % len(case.batch_sizes)],) + shape[1:]
     g = _generator(case, step)
     channels = shape[1]
     view = (1, channels) + (1,) * (len(shape) - 2)
     mean = (torch.rand(channels, generator=g, dtype=torch.float64) * 2 - 1) + 0.25 * step
     std = torch.rand(channels, generator=g, dtype=torch.float64) * 1.5 + 0.2
-    std[-1] = 0.01
+    std[-1] = case.small_std
+    if case.offset:  # |mean| / std = offset on every channel, alternating signs
+        signs = torch.tensor([(-1.0) ** c for c in range(channels)], dtype=torch.float64)
+        mean = mean + signs * case.offset * std
     x = torch.randn(shape, generator=g, dtype=torch.float64) * std.view(view) + mean.view(view)
     if case.constant_channel:
         x[:, 0] = 0.75
@@ -95,7 +101,12 @@ def _set(tensor: torch.Tensor | None, value: torch.Tensor, what: str) -> None:
 
 def _reference(case: Case) -> ReferenceBatchNorm:
     return ReferenceBatchNorm(
-        case.num_features, case.eps, case.momentum, case.affine, case.track_running_stats
+        case.num_features,
+        case.eps,
+        case.momentum,
+        case.affine,
+        case.track_running_stats,
+        bias_term=case.bias,
     )
 
 
@@ -106,9 +117,10 @@ def _init_module_and_reference(impl: Implementation, case: Case, module: nn.Modu
     state = impl.state(module)
     if case.affine:
         _set(state["weight"], values["weight"], "weight")
-        _set(state["bias"], values["bias"], "bias")
         ref.weight = values["weight"].clone()
-        ref.bias = values["bias"].clone()
+        if case.bias:
+            _set(state["bias"], values["bias"], "bias")
+            ref.bias = values["bias"].clone()
     if case.initial_running_stats and case.track_running_stats:
         _set(state["running_mean"], values["running_mean"], "running_mean")
         _set(state["running_var"], values["running_var"], "running_var")
@@ -166,35 +178,150 @@ def _check_state(impl, case, module, ref, problems):
         problems.append(f"num_batches_tracked: {int(actual_nbt)}, expected {expected_nbt}")
 
 
+def _apply_action(impl, case, module, ref, action: str, step: int) -> None:
+    """Do to the module what a user does between calls, and to the oracle what it means."""
+    name, _, value = action.partition("=")
+    state = impl.state(module)
+    if name in ("momentum", "eps"):
+        number = None if value == "None" else float(value)
+        setattr(module, name, number)
+        setattr(ref, name, number)
+    elif name == "tracking_off":
+        setattr(module, "track_running_stats", False)  # noqa: B010 (nn.Module attribute)
+        ref.stop_tracking()
+    elif name == "tracking_on":
+        setattr(module, "track_running_stats", True)  # noqa: B010 (nn.Module attribute)
+        ref.track_running_stats = True
+    elif name == "load_state_dict":
+        g = _generator(case, 700 + step)
+        loaded = {
+            "running_mean": torch.randn(case.num_features, generator=g, dtype=torch.float64),
+            "running_var": torch.rand(case.num_features, generator=g, dtype=torch.float64) + 0.3,
+        }
+        sd = module.state_dict()
+        for key, value64 in loaded.items():
+            if key not in sd:
+                raise CheckFailed(f"before step {step}: state_dict has no {key}")
+            sd[key] = value64.to(sd[key].dtype).reshape(sd[key].shape).to(sd[key].device)
+            setattr(ref, key, value64.clone())
+        try:
+            module.load_state_dict(sd)
+        except Exception as exc:
+            raise CheckFailed(
+                f"before step {step}: load_state_dict raised {_describe(exc)}"
+            ) from exc
+    elif name == "reset_running_stats":
+        getattr(module, "reset_running_stats")()  # noqa: B009 (an nn.BatchNorm method)
+        ref.running_mean = torch.zeros(case.num_features, dtype=torch.float64)
+        ref.running_var = torch.ones(case.num_features, dtype=torch.float64)
+        ref.num_batches_tracked = 0
+    elif name == "scale_parameters":
+        with torch.no_grad():
+            for key in ("weight", "bias"):
+                if state[key] is not None:
+                    state[key].mul_(1.5).add_(0.25)
+                    setattr(ref, key, getattr(ref, key) * 1.5 + 0.25)
+    elif name == "buffers_none":
+        setattr(module, "running_mean", None)  # noqa: B010 (nn.Module attribute)
+        setattr(module, "running_var", None)  # noqa: B010 (nn.Module attribute)
+        ref.running_mean = ref.running_var = None
+    else:  # pragma: no cover - the case table is data written here
+        raise ValueError(f"unknown action {action!r}")
+
+
+def _held_buffers(impl, module) -> dict[str, torch.Tensor]:
+    """The running buffers now, and the state_dict's views of them: both must see every later
+    in-place update (nn.BatchNorm updates its buffers in place)."""
+    if impl.state is not _default_state:
+        return {}
+    held = {}
+    sd = module.state_dict()
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        tensor = getattr(module, name, None)
+        if isinstance(tensor, torch.Tensor) and name in sd:
+            held[name] = tensor
+            held[f"state_dict()[{name!r}]"] = sd[name]
+    return held
+
+
+def _grad_output(case: Case, step: int, x: torch.Tensor) -> torch.Tensor:
+    grad = make_grad_output(case, step, x)
+    if case.grad_layout == "permuted":  # same values, transposed storage
+        return grad.transpose(0, -1).contiguous().transpose(0, -1)
+    if case.grad_layout == "channels_last":
+        fmt = torch.channels_last if grad.dim() == 4 else torch.channels_last_3d
+        return grad.contiguous(memory_format=fmt)
+    if case.grad_layout == "contiguous":
+        return grad.contiguous()
+    return grad
+
+
+def _conditioning(x64: torch.Tensor, ref, training: bool, running_var) -> torch.Tensor:
+    """|x| * |weight| / sqrt(var + eps) per element: the rounding any faithful kernel makes when
+    it folds the normalization into x * scale + shift is about eps(dtype) times this. With
+    large offsets (|mean| / std = 1000) it dominates the output's error."""
+    c = x64.shape[1]
+    view = (1, c) + (1,) * (x64.dim() - 2)
+    dims = [0] + list(range(2, x64.dim()))
+    if x64.numel() == 0:
+        return x64.abs()
+    if training or running_var is None:
+        var = x64.detach().var(dim=dims, unbiased=False)
+    else:
+        var = running_var
+    scale = 1 / torch.sqrt(var + ref.eps)
+    if ref.weight is not None:
+        scale = scale * ref.weight.detach().abs()
+    return x64.detach().abs() * scale.view(view)
+
+
 def run_steps(impl: Implementation, case: Case, device: str) -> list[str]:
     module = make_module(impl, case, device)
     ref = _init_module_and_reference(impl, case, module)
     raw = impl.state is _default_state
+    actions: dict[int, list[str]] = {}
+    for at, action in case.actions:
+        actions.setdefault(at, []).append(action)
+    if case.frozen_affine:
+        for param in module.parameters():
+            param.requires_grad_(False)
+    held = _held_buffers(impl, module)
     for i, step in enumerate(case.steps):
         problems: list[str] = []
         if case.stop_tracking_after == i:
             setattr(module, "track_running_stats", False)  # noqa: B010 (nn.Module attribute)
             ref.stop_tracking()
-        training = step.startswith("train")
+        for action in actions.get(i, []):
+            _apply_action(impl, case, module, ref, action, i)
+            if action == "buffers_none":
+                held = {}
+        mode = step.split("_")[0]
+        training = mode == "train"
         grad_enabled = not step.endswith("nograd")
-        backward = grad_enabled and case.backward
-        module.train(training)
+        if step.endswith("_attr"):  # assigned as an attribute, the way some code does it
+            setattr(module, "training", training)  # noqa: B010 (nn.Module attribute)
+        else:
+            module.train(training)
         module.zero_grad(set_to_none=True)
+        params_require_grad = case.affine and not case.frozen_affine
+        backward = grad_enabled and case.backward and (case.input_grad or params_require_grad)
         x = make_input(case, i, device)
         x_before = x.clone()
-        x_in = x.detach().requires_grad_(backward)
+        x_in = x.detach().requires_grad_(backward and case.input_grad)
+        running_var_before = None if ref.running_var is None else ref.running_var.clone()
         try:
             with torch.set_grad_enabled(grad_enabled):
                 y = module(x_in)
         except Exception as exc:
             raise CheckFailed(f"step {i} ({step}): forward raised {_describe(exc)}") from exc
 
-        x64 = x.detach().to("cpu", torch.float64).requires_grad_(backward)
-        ref_inputs = [x64]
-        if case.affine:
-            ref.weight.requires_grad_(backward)
-            ref.bias.requires_grad_(backward)
-            ref_inputs += [ref.weight, ref.bias]
+        x64 = x.detach().to("cpu", torch.float64).requires_grad_(backward and case.input_grad)
+        ref_inputs = [x64] if case.input_grad else []
+        ref_params = [p for p in (ref.weight, ref.bias) if p is not None]
+        for p in ref_params:
+            p.requires_grad_(backward and params_require_grad)
+        if params_require_grad:
+            ref_inputs += ref_params
         with torch.set_grad_enabled(backward):
             y_ref, _ = ref.forward(x64, training)
 
@@ -207,33 +334,44 @@ def run_steps(impl: Implementation, case: Case, device: str) -> list[str]:
         fmt = _memory_format(case, x.dim())
         if fmt is not None and not y.is_contiguous(memory_format=fmt):
             problems.append(f"output: not in the input's memory format {fmt}")
-        problem = compare_tensors("output", y, y_ref, case.dtype)
+        elif x.is_contiguous() and not y.is_contiguous():
+            problems.append("output: not contiguous for a contiguous input")
+        if y.numel() and y.untyped_storage().data_ptr() == x_in.untyped_storage().data_ptr():
+            problems.append("output: shares memory with the input (nn.BatchNorm never aliases)")
+        if grad_enabled and (x_in.requires_grad or params_require_grad) and not y.requires_grad:
+            problems.append("output: does not require grad, though the input or the parameters do")
+        condition = _conditioning(x64, ref, training, running_var_before)
+        problem = compare_tensors("output", y, y_ref, case.dtype, condition=condition)
         if problem:
             problems.append(problem)
 
-        if backward:
-            grad_out = make_grad_output(case, i, x)
+        if backward and y.requires_grad:
+            grad_out = _grad_output(case, i, x)
             try:
                 y.backward(grad_out)
             except Exception as exc:
                 raise CheckFailed(f"step {i} ({step}): backward raised {_describe(exc)}") from exc
-            expected = torch.autograd.grad(
-                y_ref, ref_inputs, grad_out.to("cpu", torch.float64), allow_unused=True
+            expected = list(
+                torch.autograd.grad(
+                    y_ref, ref_inputs, grad_out.to("cpu", torch.float64), allow_unused=True
+                )
             )
-            problem = compare_tensors("input grad", x_in.grad, expected[0], case.dtype)
-            if problem:
-                problems.append(problem)
-            if (
-                fmt is not None
-                and x_in.grad is not None
-                and not x_in.grad.is_contiguous(memory_format=fmt)
-            ):
-                problems.append(f"input grad: not in the input's memory format {fmt}")
-            if case.affine:
-                state = impl.state(module)
-                for name, exp in zip(("weight", "bias"), expected[1:]):
-                    param = state[name]
-                    actual = None if param is None else param.grad
+            if case.input_grad:
+                problem = compare_tensors("input grad", x_in.grad, expected.pop(0), case.dtype)
+                if problem:
+                    problems.append(problem)
+                if (
+                    fmt is not None
+                    and x_in.grad is not None
+                    and not x_in.grad.is_contiguous(memory_format=fmt)
+                ):
+                    problems.append(f"input grad: not in the input's memory format {fmt}")
+            state = impl.state(module)
+            names = [n for n in ("weight", "bias") if getattr(ref, n) is not None]
+            if params_require_grad:
+                for name, exp in zip(names, expected):
+                    held_param = state[name]
+                    actual = None if held_param is None else held_param.grad
                     if actual is not None:
                         if actual.dtype != case.module_dtype:
                             problems.append(
@@ -241,17 +379,49 @@ def run_steps(impl: Implementation, case: Case, device: str) -> list[str]:
                             )
                         if not raw:
                             actual = actual.reshape(exp.shape)
+                    # the weight grad sums grad_output * x_hat: each x_hat carries the
+                    # forward's rounding, and n of them add up like a random walk
+                    summed = None
+                    if name == "weight" and grad_out.numel():
+                        dims = [0] + list(range(2, grad_out.dim()))
+                        g64 = grad_out.detach().to("cpu", torch.float64)
+                        summed = ((g64 * condition) ** 2).sum(dims).sqrt()
                     problem = compare_tensors(
-                        f"{name} grad", actual, exp, working_dtype(case.dtype, case.module_dtype)
+                        f"{name} grad",
+                        actual,
+                        exp,
+                        working_dtype(case.dtype, case.module_dtype),
+                        condition=summed,
                     )
                     if problem:
                         problems.append(problem)
-            ref.weight = ref.weight.detach() if case.affine else None
-            ref.bias = ref.bias.detach() if case.affine else None
+            elif case.frozen_affine:
+                for name in names:
+                    frozen = state[name]
+                    if frozen is not None and frozen.grad is not None:
+                        problems.append(f"{name} grad: set, though {name} is frozen")
+        for p in ref_params:
+            p.requires_grad_(False)
+        ref.weight = None if ref.weight is None else ref.weight.detach()
+        ref.bias = None if ref.bias is None else ref.bias.detach()
 
         if not torch.equal(x, x_before):
             problems.append("input: modified in place by the implementation")
         _check_state(impl, case, module, ref, problems)
+        for name, tensor in held.items():
+            current = getattr(module, name.split("'")[1] if "'" in name else name, None)
+            if not isinstance(current, torch.Tensor):
+                continue
+            if "[" not in name and current is not tensor:
+                problems.append(
+                    f"{name}: replaced by a new tensor; nn.BatchNorm updates its "
+                    "buffers in place, so references to them see every update"
+                )
+            elif "[" in name and not torch.equal(tensor, current):
+                problems.append(
+                    f"{name}: an earlier state_dict() no longer matches the module; "
+                    "nn.BatchNorm updates its buffers in place"
+                )
         if problems:
             return [f"step {i} ({step}): {p}" for p in problems]
     return []
@@ -293,7 +463,7 @@ def _expect_defaults(module, case, problems, keep_params=False):
     c = case.num_features
     params = dict(module.named_parameters())
     if case.affine and not keep_params:
-        for name, value in (("weight", 1.0), ("bias", 0.0)):
+        for name, value in (("weight", 1.0), ("bias", 0.0))[: 2 if case.bias else 1]:
             tensor = getattr(module, name, None)
             if not isinstance(tensor, nn.Parameter) or params.get(name) is not tensor:
                 problems.append(
@@ -329,9 +499,12 @@ def run_defaults(impl: Implementation, case: Case, device: str) -> list[str]:
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             if getattr(module, name, "missing") is not None:
                 problems.append(f"{name}: expected None with track_running_stats=False")
+    if case.affine and not case.bias:
+        if getattr(module, "bias", "missing") is not None or "bias" in params:
+            problems.append("bias: expected None (and no bias parameter) with bias=False")
     expected_keys = set()
     if case.affine:
-        expected_keys |= {"weight", "bias"}
+        expected_keys |= {"weight", "bias"} if case.bias else {"weight"}
     if case.track_running_stats:
         expected_keys |= {"running_mean", "running_var", "num_batches_tracked"}
     keys = set(module.state_dict())
@@ -376,10 +549,22 @@ def run_reset(impl: Implementation, case: Case, device: str) -> list[str]:
     return problems + [f"after reset_parameters(): {p}" for p in after]
 
 
-def _builtin_twin(case: Case, device: str) -> nn.Module:
-    return RANK_TO_BUILTIN[case.rank](
-        case.num_features, device=device, dtype=case.module_dtype, **case.module_kwargs()
-    )
+def _builtin_twin(case: Case, device: str, **overrides) -> nn.Module:
+    """The installed torch's nn.BatchNorm built like ``case``'s module: the source of interface
+    facts (exceptions, dtypes, what loads), never of numbers."""
+    kwargs = dict(case.module_kwargs(), device=device, dtype=case.module_dtype)
+    if not case.bias:
+        kwargs["bias"] = False
+    kwargs.update(overrides)
+    return RANK_TO_BUILTIN[case.rank](case.num_features, **kwargs)
+
+
+def _outcome(call):
+    """("ok", result) or ("raised", exception) of ``call()``."""
+    try:
+        return "ok", call()
+    except Exception as exc:  # either side may raise anything
+        return "raised", exc
 
 
 def run_state_dict(impl: Implementation, case: Case, device: str) -> list[str]:
@@ -442,18 +627,201 @@ _BUILTIN_TWIN = Implementation(
 
 
 def run_error(impl: Implementation, case: Case, device: str) -> list[str]:
-    module = make_module(impl, case, device)
-    module.train(case.steps[0] == "train")
+    """The installed nn.BatchNorm, run side by side on the same input, says what must happen:
+    the same exception type and message (so the contract follows the torch version)."""
     x = make_input(case, 0, device)
-    try:
-        module(x)
-    except ValueError as exc:
-        if str(exc) != case.error:
-            return [f"raised ValueError({str(exc)!r}), expected message {case.error!r}"]
+    training = case.steps[0] == "train"
+    twin = _builtin_twin(case, device).train(training)
+    expected = _outcome(lambda: twin(x))
+    module = make_module(impl, case, device)
+    module.train(training)
+    actual = _outcome(lambda: module(x))
+    if expected[0] == "ok":
+        if actual[0] == "raised":
+            return [f"raised {_describe(actual[1])}; nn.BatchNorm returns an output here"]
         return []
-    except Exception as exc:
-        return [f"raised {_describe(exc)}, expected ValueError({case.error!r})"]
-    return [f"returned an output, expected ValueError({case.error!r})"]
+    want = f"{type(expected[1]).__name__}({str(expected[1])!r})"
+    if actual[0] == "ok":
+        return [f"returned an output, expected {want} as nn.BatchNorm raises"]
+    if type(actual[1]) is not type(expected[1]) or str(actual[1]) != str(expected[1]):
+        return [f"raised {type(actual[1]).__name__}({str(actual[1])!r}), expected {want}"]
+    return []
+
+
+def run_wrong_channels(impl: Implementation, case: Case, device: str) -> list[str]:
+    """One channel too many: nn.BatchNorm raises; the same exception type is required (the
+    message is the kernel's own and differs between faithful styles)."""
+    wrong = dataclasses.replace(
+        case, shape=(case.shape[0], case.num_features + 1) + tuple(case.shape[2:])
+    )
+    x = make_input(wrong, 0, device)
+    problems = []
+    for training in (True, False):
+        twin = _builtin_twin(case, device).train(training)
+        expected = _outcome(lambda twin=twin: twin(x))
+        module = make_module(impl, case, device)
+        module.train(training)
+        actual = _outcome(lambda module=module: module(x))
+        mode = "train" if training else "eval"
+        if expected[0] == "raised" and actual[0] == "ok":
+            problems.append(
+                f"{mode}: returned an output for {case.num_features + 1} channels "
+                f"into a {case.num_features}-channel module; nn.BatchNorm raises "
+                f"{type(expected[1]).__name__}"
+            )
+        elif expected[0] == "raised" and not isinstance(actual[1], type(expected[1])):
+            problems.append(
+                f"{mode}: raised {_describe(actual[1])}, expected "
+                f"{type(expected[1]).__name__} as nn.BatchNorm raises"
+            )
+    return problems
+
+
+def run_legacy_state_dict(impl: Implementation, case: Case, device: str) -> list[str]:
+    """A state_dict saved before num_batches_tracked existed (no key, no version metadata)
+    loads as into nn.BatchNorm: the counter keeps its value."""
+    problems: list[str] = []
+    results = []
+    for build in (lambda: _builtin_twin(case, device), lambda: make_module(impl, case, device)):
+        module = build()
+        _train_steps(module, case, device, steps=2)
+        source = _builtin_twin(case, device)
+        _train_steps(source, case, device, steps=1)
+        legacy = {k: v for k, v in source.state_dict().items() if k != "num_batches_tracked"}
+        outcome = _outcome(lambda module=module, legacy=legacy: module.load_state_dict(legacy))
+        nbt = getattr(module, "num_batches_tracked", None)
+        results.append(
+            (outcome[0], outcome[1], None if nbt is None else int(nbt), module.state_dict())
+        )
+    (want, want_value, want_nbt, want_sd), (got, got_value, got_nbt, got_sd) = results
+    if want != got:
+        detail = _describe(got_value) if got == "raised" else "loaded"
+        problems.append(
+            f"load_state_dict(legacy state_dict): {detail}; nn.BatchNorm: "
+            f"{_describe(want_value) if want == 'raised' else 'loads it'}"
+        )
+    elif got == "ok":
+        if got_nbt != want_nbt:
+            problems.append(
+                f"num_batches_tracked after loading: {got_nbt}, nn.BatchNorm keeps {want_nbt}"
+            )
+        for key, value in want_sd.items():
+            if key != "num_batches_tracked" and (
+                key not in got_sd or not torch.equal(got_sd[key].cpu(), value.cpu())
+            ):
+                problems.append(f"{key}: not carried over from the legacy state_dict")
+    return problems
+
+
+def run_two_instances(impl: Implementation, case: Case, device: str) -> list[str]:
+    first = make_module(impl, case, device)
+    second = make_module(impl, case, device)
+    before = {k: v.clone() for k, v in second.state_dict().items()}
+    _train_steps(first, case, device)
+    with torch.no_grad():
+        for param in first.parameters():
+            param.add_(1.0)
+    problems = [
+        f"{key}: changed in a second instance when the first one trained"
+        for key, value in second.state_dict().items()
+        if key in before and not torch.equal(value, before[key])
+    ]
+    x = make_input(case, 3, device)
+    second.eval()
+    fresh = make_module(impl, case, device).eval()
+    with torch.no_grad():
+        if not torch.equal(second(x), fresh(x)):
+            problems.append("a second instance's eval output changed when the first trained")
+    return problems
+
+
+def run_module_dtype(impl: Implementation, case: Case, device: str) -> list[str]:
+    """Parameters and buffers under dtype= and device='meta', as nn.BatchNorm makes them."""
+    problems: list[str] = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        if dtype not in impl.supports_dtypes:
+            continue
+        twin = _builtin_twin(case, device, dtype=dtype)
+        module = impl.make(
+            dataclasses.replace(case.config(device), module_dtype=dtype),
+            case.num_features,
+            explicit_kwargs=case.module_kwargs(),
+        )
+        problems += _same_tensors(twin, module, f"dtype={dtype}")
+    twin = _builtin_twin(case, "meta")
+    outcome = _outcome(
+        lambda: impl.factory(case.rank, case.num_features, device="meta", **case.module_kwargs())
+    )
+    if outcome[0] == "raised":
+        problems.append(f"device='meta': construction raised {_describe(outcome[1])}")
+    else:
+        problems += _same_tensors(twin, outcome[1], "device='meta'")
+    return problems
+
+
+def _same_tensors(twin: nn.Module, module: nn.Module, what: str) -> list[str]:
+    problems = []
+    expected = dict(twin.named_parameters()) | dict(twin.named_buffers())
+    actual = dict(module.named_parameters()) | dict(module.named_buffers())
+    for name, tensor in expected.items():
+        got = actual.get(name)
+        if got is None:
+            problems.append(f"{what}: {name} missing")
+        elif got.dtype != tensor.dtype or got.device.type != tensor.device.type:
+            problems.append(
+                f"{what}: {name} is {got.dtype} on {got.device.type}, nn.BatchNorm "
+                f"makes {tensor.dtype} on {tensor.device.type}"
+            )
+    return problems
+
+
+def run_copy_and_save(impl: Implementation, case: Case, device: str) -> list[str]:
+    """deepcopy, pickle and torch.save/load of a trained module: same state, same outputs, and
+    the copy's buffers are its own."""
+    import io
+    import pickle
+
+    module = make_module(impl, case, device)
+    _init_module_and_reference(impl, case, module)
+    _train_steps(module, case, device)
+    x = make_input(case, 5, device)
+    module.eval()
+    with torch.no_grad():
+        expected = module(x)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+
+    def saved(m):
+        buffer = io.BytesIO()
+        torch.save(m, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False)  # our own module, made in this process
+
+    problems: list[str] = []
+    for what, copier in (
+        ("deepcopy", copy.deepcopy),
+        ("pickle", lambda m: pickle.loads(pickle.dumps(m))),
+        ("torch.save/load", saved),
+    ):
+        outcome = _outcome(lambda copier=copier: copier(module))
+        if outcome[0] == "raised":
+            problems.append(f"{what}: raised {_describe(outcome[1])}")
+            continue
+        twin = outcome[1]
+        twin_state = twin.state_dict()
+        if set(twin_state) != set(state) or not all(
+            torch.equal(twin_state[k].cpu(), v.cpu()) for k, v in state.items()
+        ):
+            problems.append(f"{what}: the copy's state_dict differs from the original's")
+            continue
+        with torch.no_grad():
+            got = _outcome(lambda twin=twin: twin(x))
+        if got[0] == "raised" or not torch.equal(got[1], expected):
+            problems.append(f"{what}: the copy's eval output differs from the original's")
+        twin.train()
+        _train_steps(twin, case, device, steps=1)
+        if not all(torch.equal(module.state_dict()[k].cpu(), v.cpu()) for k, v in state.items()):
+            problems.append(f"{what}: training the copy changed the original")
+    return problems
 
 
 RUNNERS = {
@@ -463,6 +831,11 @@ RUNNERS = {
     "reset": run_reset,
     "state_dict": run_state_dict,
     "error": run_error,
+    "wrong_channels": run_wrong_channels,
+    "legacy_state_dict": run_legacy_state_dict,
+    "two_instances": run_two_instances,
+    "module_dtype": run_module_dtype,
+    "copy_and_save": run_copy_and_save,
 }
 
 

@@ -35,12 +35,13 @@ class ReferenceBatchNorm:
     momentum: float | None = 0.1
     affine: bool = True
     track_running_stats: bool = True
+    bias_term: bool = True  # False: torch 2.13's bias=False (a weight, no bias)
 
     def __post_init__(self):
         c = self.num_features
         f64 = torch.float64
         self.weight = torch.ones(c, dtype=f64) if self.affine else None
-        self.bias = torch.zeros(c, dtype=f64) if self.affine else None
+        self.bias = torch.zeros(c, dtype=f64) if self.affine and self.bias_term else None
         if self.track_running_stats:
             self.running_mean = torch.zeros(c, dtype=f64)
             self.running_var = torch.ones(c, dtype=f64)
@@ -80,13 +81,16 @@ class ReferenceBatchNorm:
                 centered = x - mean.view(view)
                 var = (centered * centered).sum(dim=dims) / n  # biased: used to normalize
                 y = centered / torch.sqrt(var.view(view) + self.eps)
-                if training and self.track_running_stats:
+                # running buffers set to None on a tracking module: nothing to update
+                if training and self.track_running_stats and self.running_mean is not None:
                     self._update(mean.detach(), var.detach(), n)
         else:
             std = torch.sqrt(self.running_var.view(view) + self.eps)
             y = (x - self.running_mean.view(view)) / std
-        if self.affine:
-            y = y * self.weight.view(view) + self.bias.view(view)
+        if self.weight is not None:
+            y = y * self.weight.view(view)
+        if self.bias is not None:
+            y = y + self.bias.view(view)
         return y, {"batch_stats": use_batch_stats}
 
     def _update(self, mean: torch.Tensor, biased_var: torch.Tensor, n: int) -> None:

@@ -43,6 +43,12 @@ STATISTICS_TOLERANCES: dict[torch.dtype, Tolerance] = {
 }
 
 
+# Rounding a faithful kernel makes when it folds the normalization into x * scale + shift (as
+# ATen does): a few machine epsilons of |x * scale| per element. ATen's CPU kernel measured 1.7
+# eps at |mean|/std = 1000; a one-pass variance there is off by thousands.
+ROUNDING_ALLOWANCE = 8.0
+
+
 def tolerance_for(dtype: torch.dtype, statistics: bool = False) -> Tolerance:
     return (STATISTICS_TOLERANCES if statistics else TOLERANCES)[dtype]
 
@@ -62,10 +68,17 @@ def _fmt_index(flat_index: int, shape: torch.Size) -> str:
 
 
 def compare_tensors(
-    name: str, actual, expected: torch.Tensor, dtype: torch.dtype, statistics: bool = False
+    name: str,
+    actual,
+    expected: torch.Tensor,
+    dtype: torch.dtype,
+    statistics: bool = False,
+    condition: torch.Tensor | None = None,
 ) -> str | None:
     """None when ``actual`` matches ``expected`` (float64) within the tolerance of ``dtype``
-    (the statistics table, with an unscaled atol, when ``statistics``)."""
+    (the statistics table, with an unscaled atol, when ``statistics``). ``condition``: per
+    element, how much rounding a faithful kernel is bound to make there in units of its compute
+    precision's machine epsilon (ROUNDING_ALLOWANCE of them are allowed on top)."""
     if actual is None:
         return f"{name}: is None, expected a tensor of shape {tuple(expected.shape)}"
     if not isinstance(actual, torch.Tensor):
@@ -93,6 +106,12 @@ def compare_tensors(
     diff = (a - e).abs()
     scale = 1.0 if statistics else max(1.0, float(e.abs().max()))
     allowed = tol.atol * scale + tol.rtol * e.abs()
+    if condition is not None:
+        # faithful kernels compute half inputs in float32: that precision's rounding
+        compute = torch.promote_types(dtype, torch.float32)
+        allowed = allowed + ROUNDING_ALLOWANCE * torch.finfo(compute).eps * torch.where(
+            finite, condition.detach().to("cpu", torch.float64), 0.0
+        )
     if bool((diff <= allowed).all()):
         return None
     abs_i = int(diff.flatten().argmax())

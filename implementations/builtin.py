@@ -22,6 +22,7 @@ def _without_cudnn(cls: type[nn.Module]) -> type[nn.Module]:
                 return super().forward(input)
 
     NativeCUDA.__name__ = NativeCUDA.__qualname__ = f"Native{cls.__name__}"
+    globals()[NativeCUDA.__name__] = NativeCUDA  # importable by name: modules pickle
     return NativeCUDA
 
 

@@ -49,6 +49,12 @@ class CompiledBatchNorm(VectorizedBatchNorm):
 
 
 _classes = rank_classes(CompiledBatchNorm, "Compiled")
+# Importable by name, so modules pickle.
+CompiledBatchNorm1d, CompiledBatchNorm2d, CompiledBatchNorm3d = (
+    _classes[2],
+    _classes[4],
+    _classes[5],
+)
 
 compiled = from_classes(
     "compiled",

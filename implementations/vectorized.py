@@ -167,6 +167,8 @@ def check_batch_size(x: torch.Tensor) -> None:
 class VectorizedBatchNorm(nn.Module):
     """nn.BatchNorm's interface and semantics for inputs of rank 2 to 5, in pure torch ops."""
 
+    _version = 2  # state_dicts carry num_batches_tracked (as nn.BatchNorm's version 2)
+
     _expected_dims: tuple[int, ...] = (2, 3, 4, 5)
     _expected_text = "2D to 5D"
     train_kernel = staticmethod(train_kernel_autograd)
@@ -181,6 +183,8 @@ class VectorizedBatchNorm(nn.Module):
         track_running_stats: bool = True,
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -191,7 +195,10 @@ class VectorizedBatchNorm(nn.Module):
         self.track_running_stats = track_running_stats
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:  # torch 2.13's bias=False: a weight and no bias
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -207,6 +214,23 @@ class VectorizedBatchNorm(nn.Module):
             self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args):
+        # As nn.BatchNorm: a state_dict saved before num_batches_tracked existed (version < 2)
+        # keeps the counter this module has.
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (
+            (version is None or version < 2)
+            and self.track_running_stats
+            and key not in (state_dict)
+        ):
+            state_dict[key] = (
+                self.num_batches_tracked
+                if self.num_batches_tracked is not None
+                else torch.tensor(0, dtype=torch.long)
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
+
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
             self.running_mean.zero_()
@@ -215,8 +239,9 @@ class VectorizedBatchNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.affine:
+        if self.weight is not None:
             nn.init.ones_(self.weight)
+        if self.bias is not None:
             nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
@@ -249,7 +274,8 @@ class VectorizedBatchNorm(nn.Module):
 
         if x.numel() == 0:  # nothing to normalize; keep the graph so grads are zeros
             view = (1, -1) + (1,) * (x.dim() - 2)
-            y = x if self.weight is None else x * self.weight.view(view) + self.bias.view(view)
+            y = x if self.weight is None else x * self.weight.view(view)
+            y = y if self.bias is None else y + self.bias.view(view)
             return y.to(x.dtype)
         canonical, restore = to_canonical(x)
         if not use_batch_stats:

@@ -33,9 +33,12 @@ class PlainBatchNorm(nn.Module):
         track_running_stats=True,
         device=None,
         dtype=None,
+        *,
+        bias=True,
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        self.bias_term = bias
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
         self.make_parameters(num_features, factory)
@@ -53,7 +56,10 @@ class PlainBatchNorm(nn.Module):
     def make_parameters(self, c, factory):
         if self.affine:
             self.weight = nn.Parameter(torch.empty(c, **factory))
-            self.bias = nn.Parameter(torch.empty(c, **factory))
+            if self.bias_term:
+                self.bias = nn.Parameter(torch.empty(c, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -66,8 +72,9 @@ class PlainBatchNorm(nn.Module):
 
     def reset_parameters(self):
         self.reset_running_stats()
-        if self.affine:
+        if self.weight is not None:
             nn.init.ones_(self.weight)
+        if self.bias is not None:
             nn.init.zeros_(self.bias)
 
     # -- steps ------------------------------------------------------------------------------
@@ -121,9 +128,9 @@ class PlainBatchNorm(nn.Module):
         return (x - mean.view(self.view)) / torch.sqrt(var.view(self.view) + self.eps)
 
     def scale_shift(self, y):
-        if self.weight is None:
-            return y
-        return y * self.weight.view(self.view) + self.bias.view(self.view)
+        if self.weight is not None:
+            y = y * self.weight.view(self.view)
+        return y if self.bias is None else y + self.bias.view(self.view)
 
     def finish(self, y, x):
         return y.to(x.dtype)
@@ -601,9 +608,9 @@ class Float64Accumulation(PlainBatchNorm):
         super().update(mean.to(self.running_mean.dtype), var.to(self.running_var.dtype), n, factor)
 
     def scale_shift(self, y):
-        if self.weight is None:
-            return y
-        return y * self.weight.double().view(self.view) + self.bias.double().view(self.view)
+        if self.weight is not None:
+            y = y * self.weight.double().view(self.view)
+        return y if self.bias is None else y + self.bias.double().view(self.view)
 
 
 class VarMeanBatchNorm(PlainBatchNorm):
@@ -615,7 +622,11 @@ class VarMeanBatchNorm(PlainBatchNorm):
 def _rank_classes(cls):
     classes = {}
     for dims, ranks in (((2, 3), (2, 3)), ((4,), (4,)), ((5,), (5,))):
-        sub = type(cls.__name__ + "_" + "".join(map(str, dims)), (cls,), {"expected_dims": dims})
+        name = cls.__name__ + "_" + "".join(map(str, dims))
+        sub = globals().get(name) or type(
+            name, (cls,), {"expected_dims": dims, "__module__": __name__}
+        )
+        globals()[name] = sub  # importable by name, so modules pickle like real classes
         for r in ranks:
             classes[r] = sub
     return classes
