@@ -426,10 +426,10 @@ def _graph_counter() -> Callable[[], int]:
     return lambda: int(counters["stats"]["unique_graphs"])
 
 
-def vouching_case(impl: Implementation, row: Row):
+def vouching_case(impl: Implementation, row: Row, cases: dict):
     """The gate case that vouches for ``row``: forward rows of an implementation without a
     backward are vouched for by the same case run forward only."""
-    case = case_by_id()[gate_case_for(row)]
+    case = cases[gate_case_for(row)]
     if not impl.supports_backward and row.mode not in BACKWARD_MODES:
         case = dataclasses.replace(case, backward=False)
     return case
@@ -453,11 +453,12 @@ def _bench_worker(
     impl = resolve([spec])[0]
     rows = [Row.from_dict(r) for r in json.loads(rows_json)]
     sweep = SWEEPS[sweep_name]
+    cases = case_by_id()
     verdicts: dict = {}
     for item in items:
         channel.start(item)
         row = rows[int(item)]
-        case = vouching_case(impl, row)
+        case = vouching_case(impl, row, cases)
         if verify and case not in verdicts:
             verdicts[case] = verdict(impl, case, run_case(impl, case, device))[0]
         try:

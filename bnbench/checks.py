@@ -229,18 +229,17 @@ def _apply_action(impl, case, module, ref, action: str, step: int) -> None:
         raise ValueError(f"unknown action {action!r}")
 
 
-def _held_buffers(impl, module) -> dict[str, torch.Tensor]:
-    """The running buffers now, and the state_dict's views of them: both must see every later
-    in-place update (nn.BatchNorm updates its buffers in place)."""
+def _held_buffers(impl, module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, the buffer now, the state_dict's view of it): later in-place updates must reach
+    both (nn.BatchNorm updates its buffers in place)."""
     if impl.state is not _default_state:
-        return {}
-    held = {}
+        return []
     sd = module.state_dict()
+    held = []
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         tensor = getattr(module, name, None)
         if isinstance(tensor, torch.Tensor) and name in sd:
-            held[name] = tensor
-            held[f"state_dict()[{name!r}]"] = sd[name]
+            held.append((name, tensor, sd[name]))
     return held
 
 
@@ -294,7 +293,7 @@ def run_steps(impl: Implementation, case: Case, device: str) -> list[str]:
         for action in actions.get(i, []):
             _apply_action(impl, case, module, ref, action, i)
             if action == "buffers_none":
-                held = {}
+                held = []
         mode = step.split("_")[0]
         training = mode == "train"
         grad_enabled = not step.endswith("nograd")
@@ -408,19 +407,19 @@ def run_steps(impl: Implementation, case: Case, device: str) -> list[str]:
         if not torch.equal(x, x_before):
             problems.append("input: modified in place by the implementation")
         _check_state(impl, case, module, ref, problems)
-        for name, tensor in held.items():
-            current = getattr(module, name.split("'")[1] if "'" in name else name, None)
+        for name, tensor, saved in held:
+            current = getattr(module, name, None)
             if not isinstance(current, torch.Tensor):
                 continue
-            if "[" not in name and current is not tensor:
+            if current is not tensor:
                 problems.append(
                     f"{name}: replaced by a new tensor; nn.BatchNorm updates its "
                     "buffers in place, so references to them see every update"
                 )
-            elif "[" in name and not torch.equal(tensor, current):
+            if not torch.equal(saved, current):
                 problems.append(
-                    f"{name}: an earlier state_dict() no longer matches the module; "
-                    "nn.BatchNorm updates its buffers in place"
+                    f"state_dict()[{name!r}]: an earlier state_dict() no longer matches the "
+                    "module; nn.BatchNorm updates its buffers in place"
                 )
         if problems:
             return [f"step {i} ({step}): {p}" for p in problems]

@@ -273,6 +273,23 @@ class StatsInInputDtype(PlainBatchNorm):
         return super().forward(x)
 
 
+@catches("default-rank4", r"running_mean: replaced by a new tensor")
+class RebindsRunningStats(PlainBatchNorm):
+    def update(self, mean, var, n, factor):
+        # new tensors each step: references and earlier state_dict()s go stale
+        self.running_mean = (1 - factor) * self.running_mean + factor * mean
+        self.running_var = (1 - factor) * self.running_var + factor * var * n / (n - 1)
+
+
+@catches("eval_first-rank4", r"step 0 \(eval\): output: does not require grad")
+class EvalOutputDetached(PlainBatchNorm):
+    def forward(self, x):
+        if self.training:
+            return super().forward(x)
+        with torch.no_grad():  # "eval needs no graph": but the input and weights require grad
+            return super().forward(x)
+
+
 # -- Normalization: eps, the variance used, what the statistics are taken over
 
 
@@ -485,7 +502,8 @@ class NoBatchSizeError(PlainBatchNorm):
 
 
 @catches(
-    "one_value_per_channel-rank4", r"raised RuntimeError: Expected more than 1 value per channel"
+    "one_value_per_channel-rank4",
+    r"raised RuntimeError\('Expected more than 1 value per channel.*expected ValueError\(",
 )
 class WrongErrorMessage(PlainBatchNorm):
     def check_batch(self, x):
