@@ -8,7 +8,6 @@ Its id, ``<check>-rank<R>``, is what reports, pytest ids and declared deviations
 from __future__ import annotations
 
 import dataclasses
-import os
 import zlib
 from dataclasses import dataclass
 
@@ -63,6 +62,8 @@ class Case:
     frozen_affine: bool = False  # weight and bias with requires_grad=False
     # (before step i, action): attribute changes, resets, loads between calls (see checks.py)
     actions: tuple[tuple[int, str], ...] = ()
+    spread: float = 1.0  # scales every channel's mean and std (large values for half inputs)
+    neutral: bool = False  # keep the fresh module's weight 1, bias 0 and default statistics
     category: str = ""  # numerics | running state | lifecycle | object contract | autograd | errors
 
     @property
@@ -106,6 +107,7 @@ class Case:
             needs_backward=self.needs_backward,
             needs_double_backward=self.needs_double_backward,
             rank_specific=self.rank_specific,
+            positional_constructor=self.kind == "positional",
         )
 
     @property
@@ -346,11 +348,13 @@ def all_cases() -> list[Case]:
                 error=wrong_rank_message(module_rank, len(input_shape)),
             )
         )
-    if os.environ.get("BNBENCH_GATE_ROUND2") == "1":
-        # Work in progress (issue 9): sizes, numerics, lifecycle, object and autograd contract,
-        # bias=False. Not yet in the default run: d2l's deviations for them are undeclared and
-        # they double verify's time on 2 cores.
-        c += _round_two_cases()
+    c += _round_two_cases()
+    c += _per_rank(
+        "explore",
+        "model-based exploration: random sequences of calls, attribute changes, loads, "
+        "resets and copies, checked after every operation",
+        kind="explore",
+    )
     return [dataclasses.replace(case, category=category_of(case.check)) for case in c]
 
 
@@ -416,28 +420,50 @@ def _round_two_cases() -> list[Case]:
                 small_std=10**-2.5,
             )
         )
-    c.append(
-        Case(
+    # Counts past what half types hold exactly: float16 rounds 4098 to 4096 and overflows above
+    # 65504; bfloat16 rounds 4111 to 4096 and the Bessel factor 300/299 to 1. momentum=1 puts
+    # the last batch's statistics in the running buffers, so a rounded count shows there.
+    half_counts: list[tuple[str, tuple[int, ...], torch.dtype, dict, str]] = [
+        (
+            "float16_count_4098",
+            (2, 3, 2049),
+            torch.float16,
+            dict(offset=3.0, momentum=1.0),
+            "float16 input, 4098 values per channel (float16 rounds the count to 4096)",
+        ),
+        (
+            "float16_count_above_65504",
+            (2, 2, 40000),
+            torch.float16,
+            dict(spread=5.0, steps=("train", "train", "eval")),
+            "float16 input, 80000 values per channel, std up to 8 (a float16 count or "
+            "sum of squares overflows)",
+        ),
+        (
             "float16_many",
-            "steps",
-            4,
             (3, 3, 40, 40),
-            "float16 input, 4800 values per channel (past float16's exact integers)",
-            dtype=torch.float16,
-            steps=("train", "eval"),
-        )
-    )
-    c.append(
-        Case(
-            "bfloat16_many",
-            "steps",
-            3,
-            (4, 3, 300),
-            "bfloat16 input, 1200 values per channel (past bfloat16's exact integers)",
-            dtype=torch.bfloat16,
-            steps=("train", "eval"),
-        )
-    )
+            torch.float16,
+            {},
+            "float16 input, 4800 values per channel",
+        ),
+        (
+            "bfloat16_count_4111",
+            (1, 3, 4111),
+            torch.bfloat16,
+            dict(offset=3.0, momentum=1.0),
+            "bfloat16 input, 4111 values per channel (bfloat16 rounds the count to 4096)",
+        ),
+        (
+            "bfloat16_bessel_300",
+            (4, 3, 75),
+            torch.bfloat16,
+            dict(momentum=1.0),
+            "bfloat16 input, 300 values per channel, momentum=1 (bfloat16 rounds 300/299 to 1)",
+        ),
+    ]
+    for check, shape, dtype, kw, description in half_counts:
+        kw = {"steps": ("train", "eval"), **kw}
+        c.append(Case(check, "steps", len(shape), shape, description, dtype=dtype, **kw))
     # torch 2.13's keyword-only bias=False (only where the installed torch has it).
     if builtin_has_bias_argument():
         c += _per_rank("bias_false", "bias=False: a weight and no bias", bias=False)
@@ -496,6 +522,27 @@ def _round_two_cases() -> list[Case]:
             ),
         ),
         (
+            "inference_cache",
+            "eval under no_grad after in-place parameter updates, load_state_dict, a new eps "
+            "and reset_running_stats (no cached scale and shift)",
+            dict(
+                steps=(
+                    "train",
+                    "eval_nograd",
+                    "eval_nograd",
+                    "eval_nograd",
+                    "eval_nograd",
+                    "eval_nograd",
+                ),
+                actions=(
+                    (2, "scale_parameters"),
+                    (3, "load_state_dict"),
+                    (4, "eps=0.1"),
+                    (5, "reset_running_stats"),
+                ),
+            ),
+        ),
+        (
             "varying_batch",
             "batch size changes from step to step",
             dict(batch_sizes=(2, 7, 3, 5, 4, 6)),
@@ -529,6 +576,26 @@ def _round_two_cases() -> list[Case]:
         kind="module_dtype",
     )
     c += _per_rank(
+        "eval_fresh_module",
+        "a fresh module (weight 1, bias 0, default statistics) in eval: still a new tensor",
+        neutral=True,
+        steps=("eval_nograd", "eval", "train", "eval_nograd"),
+    )
+    c += _per_rank(
+        "eval_fresh_not_affine",
+        "affine=False, fresh statistics, eval: still a new tensor",
+        ranks=(2, 4),
+        neutral=True,
+        affine=False,
+        steps=("eval_nograd", "eval"),
+    )
+    c += _per_rank(
+        "positional_constructor",
+        "nn.BatchNorm's positional signature (num_features, eps, momentum, affine, "
+        "track_running_stats): each argument lands where nn.BatchNorm puts it",
+        kind="positional",
+    )
+    c += _per_rank(
         "copy_and_save",
         "deepcopy, pickle and torch.save/load round trips keep state and behaviour",
         kind="copy_and_save",
@@ -554,6 +621,12 @@ def _round_two_cases() -> list[Case]:
     for check, description, kw in autograd:
         c += _per_rank(check, description, **kw)
     c += _per_rank(
+        "forward_ad",
+        "forward-mode AD (dual numbers, as torch.func.jvp uses) in train and eval",
+        kind="forward_ad",
+        initial_running_stats=True,
+    )
+    c += _per_rank(
         "grad_output_channels_last",
         "channels_last grad_output for a contiguous input (a downstream permute)",
         ranks=(4, 5),
@@ -569,7 +642,7 @@ def _round_two_cases() -> list[Case]:
     # Errors nn.BatchNorm raises for inputs it cannot take.
     c += _per_rank(
         "wrong_channels",
-        "an input with one channel too many raises as nn.BatchNorm does",
+        "an input with one channel too many or too few raises as nn.BatchNorm does",
         kind="wrong_channels",
     )
     return c
@@ -612,6 +685,8 @@ _LIFECYCLE = {
     "buffers_set_to_none",
     "legacy_state_dict",
     "two_instances",
+    "inference_cache",
+    "explore",
 }
 _OBJECT = {
     "default_constructor",
@@ -620,6 +695,9 @@ _OBJECT = {
     "module_dtype",
     "copy_and_save",
     "non_contiguous",
+    "eval_fresh_module",
+    "eval_fresh_not_affine",
+    "positional_constructor",
 }
 _ERRORS = {
     "one_value_per_channel",
@@ -638,7 +716,10 @@ def category_of(check: str) -> str:
         return "lifecycle"
     if check in _OBJECT or check.startswith("defaults"):
         return "object contract"
-    if check.startswith(("gradcheck", "gradgradcheck", "grad_")) or check == "frozen_affine":
+    if check.startswith(("gradcheck", "gradgradcheck", "grad_")) or check in (
+        "frozen_affine",
+        "forward_ad",
+    ):
         return "autograd"
     if check in _ERRORS:
         return "errors"

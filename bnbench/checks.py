@@ -53,6 +53,7 @@ def make_input(case: Case, step: int, device: str) -> torch.Tensor:
     mean = (torch.rand(channels, generator=g, dtype=torch.float64) * 2 - 1) + 0.25 * step
     std = torch.rand(channels, generator=g, dtype=torch.float64) * 1.5 + 0.2
     std[-1] = case.small_std
+    mean, std = mean * case.spread, std * case.spread
     if case.offset:  # |mean| / std = offset on every channel, alternating signs
         signs = torch.tensor([(-1.0) ** c for c in range(channels)], dtype=torch.float64)
         mean = mean + signs * case.offset * std
@@ -113,6 +114,8 @@ def _reference(case: Case) -> ReferenceBatchNorm:
 def _init_module_and_reference(impl: Implementation, case: Case, module: nn.Module):
     """Give ``module`` and a fresh oracle the same non-trivial weight, bias (and stats)."""
     ref = _reference(case)
+    if case.neutral:  # the fresh module's own weight 1, bias 0 and statistics
+        return ref
     values = make_params(case)
     state = impl.state(module)
     if case.affine:
@@ -229,7 +232,7 @@ def _apply_action(impl, case, module, ref, action: str, step: int) -> None:
         raise ValueError(f"unknown action {action!r}")
 
 
-def _held_buffers(impl, module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+def held_buffers(impl, module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """(name, the buffer now, the state_dict's view of it): later in-place updates must reach
     both (nn.BatchNorm updates its buffers in place)."""
     if impl.state is not _default_state:
@@ -274,19 +277,48 @@ def _conditioning(x64: torch.Tensor, ref, training: bool, running_var) -> torch.
     return x64.detach().abs() * scale.view(view)
 
 
+def _input_grad_conditioning(x64, grad_out, ref, batch_stats: bool, running_var) -> torch.Tensor:
+    """The size of the terms a faithful kernel adds up for each input grad element, in units
+    of the element's own scale. With batch statistics the input grad is
+    w / sqrt(var + eps) * (g - mean(g) - x_hat * mean(g * x_hat)): when the batch's variance
+    is small (two close values, a channel of tiny spread) the terms are large and cancel, and
+    their rounding is what any float32 kernel leaves. x_hat itself carries the forward's
+    rounding (|x| / std of it with large offsets), which the last term brings in."""
+    c = x64.shape[1]
+    view = (1, c) + (1,) * (x64.dim() - 2)
+    dims = [0] + list(range(2, x64.dim()))
+    g = grad_out.detach().to("cpu", torch.float64).abs()
+    x = x64.detach()
+    if x.numel() == 0:
+        return g
+    weight = 1.0 if ref.weight is None else ref.weight.detach().abs().view(view)
+    if not batch_stats:
+        return g * weight / torch.sqrt(running_var.view(view) + ref.eps)
+    mean = x.mean(dims, keepdim=True)
+    invstd = 1 / torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + ref.eps)
+    x_hat = ((x - mean) * invstd).abs()
+    x_cond = x.abs() * invstd  # the forward's rounding of x_hat, in its units
+    terms = (
+        g
+        + g.mean(dims, keepdim=True)
+        + x_hat * (g * x_hat).mean(dims, keepdim=True)
+        + x_cond * (g * x_hat).mean(dims, keepdim=True)
+        + x_hat * (g * x_cond).mean(dims, keepdim=True)
+    )
+    return terms * invstd * weight
+
+
 def run_steps(impl: Implementation, case: Case, device: str) -> list[str]:
     module = make_module(impl, case, device)
     ref = _init_module_and_reference(impl, case, module)
-    raw = impl.state is _default_state
     actions: dict[int, list[str]] = {}
     for at, action in case.actions:
         actions.setdefault(at, []).append(action)
     if case.frozen_affine:
         for param in module.parameters():
             param.requires_grad_(False)
-    held = _held_buffers(impl, module)
+    held = held_buffers(impl, module)
     for i, step in enumerate(case.steps):
-        problems: list[str] = []
         if case.stop_tracking_after == i:
             setattr(module, "track_running_stats", False)  # noqa: B010 (nn.Module attribute)
             ref.stop_tracking()
@@ -294,136 +326,156 @@ def run_steps(impl: Implementation, case: Case, device: str) -> list[str]:
             _apply_action(impl, case, module, ref, action, i)
             if action == "buffers_none":
                 held = []
-        mode = step.split("_")[0]
-        training = mode == "train"
-        grad_enabled = not step.endswith("nograd")
-        if step.endswith("_attr"):  # assigned as an attribute, the way some code does it
-            setattr(module, "training", training)  # noqa: B010 (nn.Module attribute)
-        else:
-            module.train(training)
-        module.zero_grad(set_to_none=True)
-        params_require_grad = case.affine and not case.frozen_affine
-        backward = grad_enabled and case.backward and (case.input_grad or params_require_grad)
-        x = make_input(case, i, device)
-        x_before = x.clone()
-        x_in = x.detach().requires_grad_(backward and case.input_grad)
-        running_var_before = None if ref.running_var is None else ref.running_var.clone()
-        try:
-            with torch.set_grad_enabled(grad_enabled):
-                y = module(x_in)
-        except Exception as exc:
-            raise CheckFailed(f"step {i} ({step}): forward raised {_describe(exc)}") from exc
-
-        x64 = x.detach().to("cpu", torch.float64).requires_grad_(backward and case.input_grad)
-        ref_inputs = [x64] if case.input_grad else []
-        ref_params = [p for p in (ref.weight, ref.bias) if p is not None]
-        for p in ref_params:
-            p.requires_grad_(backward and params_require_grad)
-        if params_require_grad:
-            ref_inputs += ref_params
-        with torch.set_grad_enabled(backward):
-            y_ref, _ = ref.forward(x64, training)
-
-        if not isinstance(y, torch.Tensor):
-            raise CheckFailed(f"step {i} ({step}): forward returned {type(y).__name__}")
-        if y.dtype != x.dtype:
-            problems.append(f"output: dtype {y.dtype}, expected the input's {x.dtype}")
-        if y.device != x.device:
-            problems.append(f"output: on {y.device}, expected {x.device}")
-        fmt = _memory_format(case, x.dim())
-        if fmt is not None and not y.is_contiguous(memory_format=fmt):
-            problems.append(f"output: not in the input's memory format {fmt}")
-        elif x.is_contiguous() and not y.is_contiguous():
-            problems.append("output: not contiguous for a contiguous input")
-        if y.numel() and y.untyped_storage().data_ptr() == x_in.untyped_storage().data_ptr():
-            problems.append("output: shares memory with the input (nn.BatchNorm never aliases)")
-        if grad_enabled and (x_in.requires_grad or params_require_grad) and not y.requires_grad:
-            problems.append("output: does not require grad, though the input or the parameters do")
-        condition = _conditioning(x64, ref, training, running_var_before)
-        problem = compare_tensors("output", y, y_ref, case.dtype, condition=condition)
-        if problem:
-            problems.append(problem)
-
-        if backward and y.requires_grad:
-            grad_out = _grad_output(case, i, x)
-            try:
-                y.backward(grad_out)
-            except Exception as exc:
-                raise CheckFailed(f"step {i} ({step}): backward raised {_describe(exc)}") from exc
-            expected = list(
-                torch.autograd.grad(
-                    y_ref, ref_inputs, grad_out.to("cpu", torch.float64), allow_unused=True
-                )
-            )
-            if case.input_grad:
-                problem = compare_tensors("input grad", x_in.grad, expected.pop(0), case.dtype)
-                if problem:
-                    problems.append(problem)
-                if (
-                    fmt is not None
-                    and x_in.grad is not None
-                    and not x_in.grad.is_contiguous(memory_format=fmt)
-                ):
-                    problems.append(f"input grad: not in the input's memory format {fmt}")
-            state = impl.state(module)
-            names = [n for n in ("weight", "bias") if getattr(ref, n) is not None]
-            if params_require_grad:
-                for name, exp in zip(names, expected):
-                    held_param = state[name]
-                    actual = None if held_param is None else held_param.grad
-                    if actual is not None:
-                        if actual.dtype != case.module_dtype:
-                            problems.append(
-                                f"{name} grad: dtype {actual.dtype}, expected {case.module_dtype}"
-                            )
-                        if not raw:
-                            actual = actual.reshape(exp.shape)
-                    # the weight grad sums grad_output * x_hat: each x_hat carries the
-                    # forward's rounding, and n of them add up like a random walk
-                    summed = None
-                    if name == "weight" and grad_out.numel():
-                        dims = [0] + list(range(2, grad_out.dim()))
-                        g64 = grad_out.detach().to("cpu", torch.float64)
-                        summed = ((g64 * condition) ** 2).sum(dims).sqrt()
-                    problem = compare_tensors(
-                        f"{name} grad",
-                        actual,
-                        exp,
-                        working_dtype(case.dtype, case.module_dtype),
-                        condition=summed,
-                    )
-                    if problem:
-                        problems.append(problem)
-            elif case.frozen_affine:
-                for name in names:
-                    frozen = state[name]
-                    if frozen is not None and frozen.grad is not None:
-                        problems.append(f"{name} grad: set, though {name} is frozen")
-        for p in ref_params:
-            p.requires_grad_(False)
-        ref.weight = None if ref.weight is None else ref.weight.detach()
-        ref.bias = None if ref.bias is None else ref.bias.detach()
-
-        if not torch.equal(x, x_before):
-            problems.append("input: modified in place by the implementation")
-        _check_state(impl, case, module, ref, problems)
-        for name, tensor, saved in held:
-            current = getattr(module, name, None)
-            if not isinstance(current, torch.Tensor):
-                continue
-            if current is not tensor:
-                problems.append(
-                    f"{name}: replaced by a new tensor; nn.BatchNorm updates its "
-                    "buffers in place, so references to them see every update"
-                )
-            if not torch.equal(saved, current):
-                problems.append(
-                    f"state_dict()[{name!r}]: an earlier state_dict() no longer matches the "
-                    "module; nn.BatchNorm updates its buffers in place"
-                )
+        problems = check_step(impl, case, module, ref, held, i, step, make_input(case, i, device))
         if problems:
             return [f"step {i} ({step}): {p}" for p in problems]
     return []
+
+
+def check_step(
+    impl, case, module, ref, held, i: int, step: str, x: torch.Tensor, grad_out=None
+) -> list[str]:
+    """One call of ``module`` on ``x`` in mode ``step`` (train | eval [_nograd | _attr]), its
+    backward (with ``grad_out``, or the case's) and the state after it, against the oracle
+    ``ref`` (which advances too). ``held``: buffers that must be updated in place. Returns the
+    problems; raises CheckFailed when the module raises."""
+    problems: list[str] = []
+    raw = impl.state is _default_state
+    mode = step.split("_")[0]
+    training = mode == "train"
+    grad_enabled = not step.endswith("nograd")
+    if step.endswith("_attr"):  # assigned as an attribute, the way some code does it
+        setattr(module, "training", training)  # noqa: B010 (nn.Module attribute)
+    else:
+        module.train(training)
+    module.zero_grad(set_to_none=True)
+    params_require_grad = case.affine and not case.frozen_affine
+    backward = grad_enabled and case.backward and (case.input_grad or params_require_grad)
+    x_before = x.clone()
+    x_in = x.detach().requires_grad_(backward and case.input_grad)
+    running_var_before = None if ref.running_var is None else ref.running_var.clone()
+    try:
+        with torch.set_grad_enabled(grad_enabled):
+            y = module(x_in)
+    except Exception as exc:
+        raise CheckFailed(f"step {i} ({step}): forward raised {_describe(exc)}") from exc
+
+    x64 = x.detach().to("cpu", torch.float64).requires_grad_(backward and case.input_grad)
+    ref_inputs = [x64] if case.input_grad else []
+    ref_params = [p for p in (ref.weight, ref.bias) if p is not None]
+    for p in ref_params:
+        p.requires_grad_(backward and params_require_grad)
+    if params_require_grad:
+        ref_inputs += ref_params
+    with torch.set_grad_enabled(backward):
+        y_ref, used = ref.forward(x64, training)
+
+    if not isinstance(y, torch.Tensor):
+        raise CheckFailed(f"step {i} ({step}): forward returned {type(y).__name__}")
+    if y.dtype != x.dtype:
+        problems.append(f"output: dtype {y.dtype}, expected the input's {x.dtype}")
+    if y.device != x.device:
+        problems.append(f"output: on {y.device}, expected {x.device}")
+    if tuple(y.shape) != tuple(x.shape):
+        problems.append(f"output: shape {tuple(y.shape)}, expected the input's {tuple(x.shape)}")
+    fmt = _memory_format(case, x.dim())
+    if fmt is not None and not y.is_contiguous(memory_format=fmt):
+        problems.append(f"output: not in the input's memory format {fmt}")
+    elif x.is_contiguous() and not y.is_contiguous():
+        problems.append("output: not contiguous for a contiguous input")
+    if y.numel() and y.untyped_storage().data_ptr() == x_in.untyped_storage().data_ptr():
+        problems.append("output: shares memory with the input (nn.BatchNorm never aliases)")
+    if grad_enabled and (x_in.requires_grad or params_require_grad) and not y.requires_grad:
+        problems.append("output: does not require grad, though the input or the parameters do")
+    condition = _conditioning(x64, ref, training, running_var_before)
+    problem = compare_tensors("output", y, y_ref, case.dtype, condition=condition)
+    if problem:
+        problems.append(problem)
+
+    if backward and y.requires_grad:
+        if grad_out is None:
+            grad_out = _grad_output(case, i, x)
+        try:
+            y.backward(grad_out)
+        except Exception as exc:
+            raise CheckFailed(f"step {i} ({step}): backward raised {_describe(exc)}") from exc
+        expected = list(
+            torch.autograd.grad(
+                y_ref, ref_inputs, grad_out.to("cpu", torch.float64), allow_unused=True
+            )
+        )
+        if case.input_grad:
+            grad_condition = _input_grad_conditioning(
+                x64, grad_out, ref, used["batch_stats"], running_var_before
+            )
+            problem = compare_tensors(
+                "input grad", x_in.grad, expected.pop(0), case.dtype, condition=grad_condition
+            )
+            if problem:
+                problems.append(problem)
+            if (
+                fmt is not None
+                and x_in.grad is not None
+                and not x_in.grad.is_contiguous(memory_format=fmt)
+            ):
+                problems.append(f"input grad: not in the input's memory format {fmt}")
+        state = impl.state(module)
+        names = [n for n in ("weight", "bias") if getattr(ref, n) is not None]
+        if params_require_grad:
+            for name, exp in zip(names, expected):
+                held_param = state[name]
+                actual = None if held_param is None else held_param.grad
+                if actual is not None:
+                    if actual.dtype != case.module_dtype:
+                        problems.append(
+                            f"{name} grad: dtype {actual.dtype}, expected {case.module_dtype}"
+                        )
+                    if not raw:
+                        actual = actual.reshape(exp.shape)
+                # the weight grad sums grad_output * x_hat: each x_hat carries the
+                # forward's rounding, and n of them add up like a random walk
+                summed = None
+                if name == "weight" and grad_out.numel():
+                    dims = [0] + list(range(2, grad_out.dim()))
+                    g64 = grad_out.detach().to("cpu", torch.float64)
+                    summed = ((g64 * condition) ** 2).sum(dims).sqrt()
+                problem = compare_tensors(
+                    f"{name} grad",
+                    actual,
+                    exp,
+                    working_dtype(case.dtype, case.module_dtype),
+                    condition=summed,
+                )
+                if problem:
+                    problems.append(problem)
+        elif case.frozen_affine:
+            for name in names:
+                frozen = state[name]
+                if frozen is not None and frozen.grad is not None:
+                    problems.append(f"{name} grad: set, though {name} is frozen")
+    for p in ref_params:
+        p.requires_grad_(False)
+    ref.weight = None if ref.weight is None else ref.weight.detach()
+    ref.bias = None if ref.bias is None else ref.bias.detach()
+
+    if not torch.equal(x, x_before):
+        problems.append("input: modified in place by the implementation")
+    _check_state(impl, case, module, ref, problems)
+    for name, tensor, saved in held:
+        current = getattr(module, name, None)
+        if not isinstance(current, torch.Tensor):
+            continue
+        if current is not tensor:
+            problems.append(
+                f"{name}: replaced by a new tensor; nn.BatchNorm updates its "
+                "buffers in place, so references to them see every update"
+            )
+        if not torch.equal(saved, current):
+            problems.append(
+                f"state_dict()[{name!r}]: an earlier state_dict() no longer matches the "
+                "module; nn.BatchNorm updates its buffers in place"
+            )
+    return problems
 
 
 def run_gradcheck(impl: Implementation, case: Case, device: str) -> list[str]:
@@ -648,31 +700,85 @@ def run_error(impl: Implementation, case: Case, device: str) -> list[str]:
 
 
 def run_wrong_channels(impl: Implementation, case: Case, device: str) -> list[str]:
-    """One channel too many: nn.BatchNorm raises; the same exception type is required (the
-    message is the kernel's own and differs between faithful styles)."""
-    wrong = dataclasses.replace(
-        case, shape=(case.shape[0], case.num_features + 1) + tuple(case.shape[2:])
-    )
-    x = make_input(wrong, 0, device)
+    """One channel too many, one too few: nn.BatchNorm raises; the same exception type is
+    required (the message is the kernel's own and differs between faithful styles)."""
     problems = []
-    for training in (True, False):
-        twin = _builtin_twin(case, device).train(training)
-        expected = _outcome(lambda twin=twin: twin(x))
-        module = make_module(impl, case, device)
+    for channels in (case.num_features + 1, case.num_features - 1):
+        wrong = dataclasses.replace(case, shape=(case.shape[0], channels) + tuple(case.shape[2:]))
+        x = make_input(wrong, 0, device)
+        for training in (True, False):
+            twin = _builtin_twin(case, device).train(training)
+            expected = _outcome(lambda twin=twin, x=x: twin(x))
+            module = make_module(impl, case, device)
+            module.train(training)
+            actual = _outcome(lambda module=module, x=x: module(x))
+            mode = "train" if training else "eval"
+            if expected[0] == "raised" and actual[0] == "ok":
+                problems.append(
+                    f"{mode}: returned an output for {channels} channels into a "
+                    f"{case.num_features}-channel module; nn.BatchNorm raises "
+                    f"{type(expected[1]).__name__}"
+                )
+            elif expected[0] == "raised" and not isinstance(actual[1], type(expected[1])):
+                problems.append(
+                    f"{mode}: raised {_describe(actual[1])} for {channels} channels, expected "
+                    f"{type(expected[1]).__name__} as nn.BatchNorm raises"
+                )
+    return problems
+
+
+def run_forward_ad(impl: Implementation, case: Case, device: str) -> list[str]:
+    """Forward-mode AD: the output's tangent for an input tangent, against the oracle's (which
+    is plain arithmetic, so forward AD runs through it in float64). nn.BatchNorm supports it,
+    and torch.func.jvp / functorch code relies on it."""
+    import torch.autograd.forward_ad as fwad
+
+    problems = []
+    module = make_module(impl, case, device)
+    ref = _init_module_and_reference(impl, case, module)
+    for i, training in enumerate((True, False)):
         module.train(training)
-        actual = _outcome(lambda module=module: module(x))
-        mode = "train" if training else "eval"
-        if expected[0] == "raised" and actual[0] == "ok":
+        x = make_input(case, i, device)
+        tangent = make_grad_output(case, i, x)
+        try:
+            with fwad.dual_level():
+                out = module(fwad.make_dual(x, tangent))
+                got = fwad.unpack_dual(out).tangent
+        except Exception as exc:
             problems.append(
-                f"{mode}: returned an output for {case.num_features + 1} channels "
-                f"into a {case.num_features}-channel module; nn.BatchNorm raises "
-                f"{type(expected[1]).__name__}"
+                f"{'train' if training else 'eval'}: forward AD raised {_describe(exc)}"
             )
-        elif expected[0] == "raised" and not isinstance(actual[1], type(expected[1])):
-            problems.append(
-                f"{mode}: raised {_describe(actual[1])}, expected "
-                f"{type(expected[1]).__name__} as nn.BatchNorm raises"
-            )
+            continue
+        with fwad.dual_level():
+            dual = fwad.make_dual(x.to("cpu", torch.float64), tangent.to("cpu", torch.float64))
+            want = fwad.unpack_dual(ref.forward(dual, training)[0]).tangent
+        problem = compare_tensors(
+            f"{'train' if training else 'eval'}: output tangent", got, want, case.dtype
+        )
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def run_positional(impl: Implementation, case: Case, device: str) -> list[str]:
+    """nn.BatchNorm's constructor taken positionally: (num_features, eps, momentum, affine,
+    track_running_stats). Each argument must land where nn.BatchNorm puts it."""
+    problems = []
+    for args in ((1e-3, 0.3, True, False), (1e-3, 0.3, False, True)):
+        twin = RANK_TO_BUILTIN[case.rank](case.num_features, *args)
+        built = _outcome(lambda args=args: impl.factory(case.rank, case.num_features, *args))
+        call = f"({case.num_features}, {', '.join(map(repr, args))})"
+        if built[0] == "raised":
+            problems.append(f"{call}: raised {_describe(built[1])}; nn.BatchNorm takes it")
+            continue
+        module = built[1]
+        for name in ("eps", "momentum", "affine", "track_running_stats"):
+            want, got = getattr(twin, name), getattr(module, name, "missing")
+            if got != want:
+                problems.append(f"{call}: {name} is {got!r}, nn.BatchNorm's is {want!r}")
+        want_keys, got_keys = sorted(twin.state_dict()), sorted(module.state_dict())
+        if got_keys != want_keys:
+            problems.append(f"{call}: state_dict keys {got_keys}, nn.BatchNorm's {want_keys}")
     return problems
 
 
@@ -823,6 +929,24 @@ def run_copy_and_save(impl: Implementation, case: Case, device: str) -> list[str
     return problems
 
 
+def run_explore(impl: Implementation, case: Case, device: str) -> list[str]:
+    """The model-based exploration (bnbench.explore) at this case's rank."""
+    from bnbench.explore import SHRINK_SECONDS, explore, explore_seconds, fast_profile
+
+    profile = {"shrink_seconds": SHRINK_SECONDS, **fast_profile()}
+    if impl.deviation_for(case.id):
+        # a declared deviation is expected to fail: finding it is enough, shrinking is not needed
+        profile["shrink_seconds"] = 0.0
+    found = explore(impl, device, case.rank, seconds=explore_seconds(), **profile)
+    if found.ok:
+        return []
+    return [
+        f"exploration ({found.examples} sequences): {found.message}",
+        "reproducer (runs the implementation and nn.BatchNorm side by side):",
+        *found.reproducer.splitlines(),
+    ]
+
+
 RUNNERS = {
     "steps": run_steps,
     "gradcheck": run_gradcheck,
@@ -835,6 +959,9 @@ RUNNERS = {
     "two_instances": run_two_instances,
     "module_dtype": run_module_dtype,
     "copy_and_save": run_copy_and_save,
+    "explore": run_explore,
+    "forward_ad": run_forward_ad,
+    "positional": run_positional,
 }
 
 

@@ -6,17 +6,19 @@ Exit codes: 0 when nothing unexpected failed, 1 when something did, 2 on usage e
 from __future__ import annotations
 
 import fnmatch
+import os
 import sys
 import time
 
 import click
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bnbench import gate
-from bnbench.cases import all_cases
+from bnbench.cases import CATEGORIES, all_cases
 from bnbench.registry import UsageError, entry_point_implementations, resolve
 from bnbench.results import VERDICT_LABELS, Status, Verdict, environment, write_atomic
 
@@ -25,6 +27,7 @@ STYLE = {
     Verdict.FAIL: "bold red",
     Verdict.DEVIATION: "yellow",
     Verdict.UNEXPECTED_PASS: "bold magenta",
+    Verdict.WAIVED: "cyan",
     Verdict.NOT_SUPPORTED: "dim",
 }
 
@@ -38,7 +41,7 @@ def _cell(results: list[gate.Result]) -> tuple[str, str]:
     """One matrix cell: the worst verdict among the case's ranks, with counts where mixed."""
     counts = {v: sum(r.verdict == v for r in results) for v in STYLE}
     run = len(results) - counts[Verdict.NOT_SUPPORTED]
-    for verdict in (Verdict.FAIL, Verdict.UNEXPECTED_PASS, Verdict.DEVIATION):
+    for verdict in (Verdict.FAIL, Verdict.UNEXPECTED_PASS, Verdict.WAIVED, Verdict.DEVIATION):
         if counts[verdict]:
             label = VERDICT_LABELS[verdict]
             text = label if counts[verdict] == run else f"{label} {counts[verdict]}/{run}"
@@ -62,7 +65,14 @@ def print_matrix(console: Console, results: list[gate.Result], verbose: bool) ->
         )
     ]
     columns = [c for c in columns if c not in silent]
-    rows = list(dict.fromkeys(r.case if verbose else r.check for r in results))
+    # Rows under category headings, the categories in CATEGORIES' order (any other last).
+    category = {r.case if verbose else r.check: r.category for r in results}
+    rows = sorted(
+        category,
+        key=lambda row: (
+            CATEGORIES.index(category[row]) if category[row] in CATEGORIES else len(CATEGORIES)
+        ),
+    )
     cells: dict[tuple[str, str], list[gate.Result]] = {}
     for r in results:
         cells.setdefault(
@@ -72,12 +82,18 @@ def print_matrix(console: Console, results: list[gate.Result], verbose: bool) ->
     table.add_column("case" if verbose else "check", no_wrap=True)
     for column in columns:
         table.add_column(column, no_wrap=True)
+    heading = None
     for row in rows:
+        if category[row] != heading:
+            heading = category[row]
+            if table.row_count:
+                table.add_section()
+            table.add_row(f"[bold]{heading or 'other'}[/]", *([""] * len(columns)))
         rendered = []
         for column in columns:
             text, style = _cell(cells.get((row, column), []))
             rendered.append(f"[{style}]{text}[/]")
-        table.add_row(row, *rendered)
+        table.add_row(f"  {row}", *rendered)
     console.print(table)
     for column in silent:
         reason = next(r.message for r in results if f"{r.implementation}@{r.device}" == column)
@@ -108,6 +124,25 @@ def print_details(console: Console, results: list[gate.Result], verbose: bool) -
                     if r.implementation == name and r.case in case_ids:
                         for line in r.message.splitlines()[1:]:
                             console.print(f"      {r.case}: {line}", markup=False)
+    print_waived(console, results, verbose)
+
+
+def print_waived(console: Console, results: list[gate.Result], verbose: bool) -> None:
+    """Waived failures, per (implementation@device, waiver): the reason once, then one line per
+    case with what it would have been (every line of it with -v)."""
+    waived: dict[tuple[str, gate.Waiver], list[gate.Result]] = {}
+    for r in results:
+        if r.verdict == Verdict.WAIVED and r.waiver is not None:
+            waived.setdefault((f"{r.implementation}@{r.device}", r.waiver), []).append(r)
+    if not waived:
+        return
+    console.print("\n[cyan]Waived (--ignore: run and reported, not gated on):[/]")
+    for (column, waiver), group in waived.items():
+        console.print(f"  {column} {waiver.pattern}: {waiver.reason}", markup=False)
+        for r in group:
+            lines = r.message.splitlines()[1:]  # the first line is the reason
+            for line in lines if verbose else lines[:1]:
+                console.print(f"    {r.case}: {line}", markup=False)
 
 
 def print_summary(console: Console, results: list[gate.Result], seconds: float) -> None:
@@ -120,10 +155,13 @@ def print_summary(console: Console, results: list[gate.Result], seconds: float) 
         parts = ", ".join(f"{counts[v]} {v}" for v in STYLE if counts.get(v))
         console.print(f"{name}: {parts}")
     n_bad = sum(not r.ok for r in results)
+    n_waived = sum(r.verdict == Verdict.WAIVED for r in results)
     status = "[bold red]FAILED[/]" if n_bad else "[bold green]OK[/]"
     console.print(
         f"{status}: {n_bad} unexpected result(s) in {len(results)} "
-        f"(implementation, device, case) combinations, {seconds:.1f} s"
+        f"(implementation, device, case) combinations"
+        + (f" ({n_waived} waived)" if n_waived else "")
+        + f", {seconds:.1f} s"
     )
 
 
@@ -176,6 +214,15 @@ def _implementations(specs: tuple[str, ...]):
     help="Only cases whose id or check matches GLOB (e.g. 'momentum*'). Repeatable.",
 )
 @click.option(
+    "--ignore",
+    "ignore_specs",
+    multiple=True,
+    metavar="CATEGORY|GLOB=REASON",
+    help="Waive a category (" + ", ".join(CATEGORIES) + ") or the cases whose id or check "
+    "matches GLOB, with a reason: they still run, a failure among them is reported as "
+    "waived and does not decide the exit code. Repeatable.",
+)
+@click.option(
     "--json",
     "json_path",
     type=click.Path(dir_okay=False),
@@ -185,7 +232,7 @@ def _implementations(specs: tuple[str, ...]):
     "--junit",
     "junit_path",
     type=click.Path(dir_okay=False),
-    help="Write JUnit XML (one testsuite per implementation and device).",
+    help="Write JUnit XML (one testsuite per implementation@device and category).",
 )
 @click.option(
     "--timeout",
@@ -195,17 +242,50 @@ def _implementations(specs: tuple[str, ...]):
     help="Seconds a single case may take before it counts as hung.",
 )
 @click.option(
+    "--explore",
+    "explore_seconds",
+    type=click.FloatRange(min=1),
+    default=None,
+    metavar="SECONDS",
+    help="Search SECONDS per rank with fresh random sequences in the model-based exploration "
+    "(the explore-rank* cases) instead of its fixed-seed fast profile.",
+)
+@click.option(
     "--jobs",
     type=click.IntRange(min=1),
     default=None,
     help="Worker processes in parallel. Default: one per core.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="One row per case instead of per check.")
-def verify(impl_specs, devices, case_patterns, json_path, junit_path, timeout, jobs, verbose):
+def verify(
+    impl_specs,
+    devices,
+    case_patterns,
+    ignore_specs,
+    json_path,
+    junit_path,
+    timeout,
+    explore_seconds,
+    jobs,
+    verbose,
+):
     """Check implementations against nn.BatchNorm semantics; exit 1 on an unexpected result."""
+    from bnbench.explore import SECONDS_ENV, SHRINK_SECONDS
+
+    # The spawned workers read it (and a later verify in this process must not inherit it).
+    os.environ.pop(SECONDS_ENV, None)
+    if explore_seconds is not None:
+        os.environ[SECONDS_ENV] = repr(explore_seconds)
+        # the explore cases get the search, shrinking and slack before they count as hung
+        timeout = max(timeout, explore_seconds + SHRINK_SECONDS + 60)
     impls, specs = _implementations(impl_specs)
     devices = _devices(devices)
     cases = all_cases()
+    try:
+        # checked against every case, so that a waiver kept in CI survives a --case selection
+        waivers = list(dict.fromkeys(gate.parse_waiver(spec, cases) for spec in ignore_specs))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
     if case_patterns:
         cases = [
             c
@@ -235,15 +315,27 @@ def verify(impl_specs, devices, case_patterns, json_path, junit_path, timeout, j
             bar.update(task, advance=1, description=f"{result.implementation} {result.case}")
 
         results = gate.run_gate(
-            impls, specs, devices, cases, timeout=timeout, jobs=jobs, progress=progress
+            impls,
+            specs,
+            devices,
+            cases,
+            timeout=timeout,
+            jobs=jobs,
+            progress=progress,
+            waivers=waivers,
         )
     seconds = time.perf_counter() - start
     print_matrix(console, results, verbose)
     print_details(console, results, verbose)
+    for waiver in gate.unused_waivers(results, waivers):
+        console.print(
+            f"[dim]--ignore {escape(waiver.pattern)}: waived nothing in this run (what it "
+            "matches passed, was not supported or not run, or an earlier --ignore waived it)[/]"
+        )
     print_summary(console, results, seconds)
     env = environment()
     if json_path:
-        write_atomic(json_path, gate.to_json(results, env))
+        write_atomic(json_path, gate.to_json(results, env, waivers))
     if junit_path:
         write_atomic(junit_path, gate.to_junit(results))
     sys.exit(0 if all(r.ok for r in results) else 1)

@@ -3,25 +3,75 @@
 Each (implementation, device) runs in its own worker process (bnbench.isolation), one case at a
 time: a case that hangs or kills its worker fails, the worker is restarted for the remaining
 cases, and every other implementation carries on.
+
+A user gating their own implementation can waive a category or a glob of cases with a reason
+(``verify --ignore PATTERN=REASON``, as a linter's ignore): those cases still run, and a failure
+among them is reported as waived instead of deciding the exit code.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import json
 import os
 import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 
-from bnbench.cases import Case
+from bnbench.cases import CATEGORIES, Case, category_of
 from bnbench.checks import FAIL, PASS, UNSUPPORTED, Outcome, run_case
 from bnbench.isolation import run_items
 from bnbench.registry import Implementation
 from bnbench.results import BAD_VERDICTS, VERIFY_SCHEMA, Verdict
+
+
+@dataclass(frozen=True)
+class Waiver:
+    """``--ignore PATTERN=REASON``: a category (exactly as in CATEGORIES) or a glob over case ids
+    and check names (as ``--case``), and why its failures do not gate."""
+
+    pattern: str
+    reason: str
+
+    @property
+    def is_category(self) -> bool:
+        return self.pattern in CATEGORIES
+
+    def matches(self, case_id: str, check: str, category: str) -> bool:
+        if self.is_category:
+            return category == self.pattern
+        return fnmatch.fnmatchcase(case_id, self.pattern) or fnmatch.fnmatchcase(
+            check, self.pattern
+        )
+
+    def __str__(self) -> str:
+        return f"{self.pattern}={self.reason}"
+
+
+def parse_waiver(text: str, cases: Iterable[Case]) -> Waiver:
+    """``CATEGORY=REASON`` or ``GLOB=REASON``; ValueError saying what is wrong, including a
+    pattern that matches no category and none of ``cases`` (a typo would waive nothing)."""
+    pattern, sep, reason = text.partition("=")
+    pattern, reason = pattern.strip(), reason.strip()
+    expected = "expected CATEGORY=REASON or GLOB=REASON"
+    if not sep:
+        raise ValueError(f"--ignore {text!r}: no '=': {expected} (the reason is required)")
+    if not pattern:
+        raise ValueError(f"--ignore {text!r}: nothing before '=': {expected}")
+    if not reason:
+        raise ValueError(f"--ignore {text!r}: the reason after '=' is empty: say why it is waived")
+    waiver = Waiver(pattern, reason)
+    if not waiver.is_category and not any(waiver.matches(c.id, c.check, c.category) for c in cases):
+        raise ValueError(
+            f"--ignore {text!r}: {pattern!r} matches no category ({', '.join(CATEGORIES)}) "
+            "and no case id or check"
+        )
+    return waiver
 
 
 @dataclass
@@ -30,15 +80,44 @@ class Result:
     device: str
     case: str
     check: str
+    category: str
     rank: int
     description: str
     verdict: Verdict
     message: str
     seconds: float
+    waiver: Waiver | None = None  # the --ignore that turned a fail or an XPASS into waived
 
     @property
     def ok(self) -> bool:
         return self.verdict not in BAD_VERDICTS
+
+    def matched_by(self, waiver: Waiver) -> bool:
+        return waiver.matches(self.case, self.check, self.category)
+
+
+def waive(result: Result, waivers: Sequence[Waiver]) -> Result:
+    """``result`` with the first matching waiver applied: a fail or an unexpected pass becomes
+    waived (the message: the reason, then the original verdict and message); any other verdict
+    stands (a waiver has nothing to do for a pass)."""
+    if result.verdict not in BAD_VERDICTS:
+        return result
+    for waiver in waivers:
+        if result.matched_by(waiver):
+            return dataclasses.replace(
+                result,
+                verdict=Verdict.WAIVED,
+                message=f"{waiver.reason}\n{result.verdict}: {result.message}",
+                waiver=waiver,
+            )
+    return result
+
+
+def unused_waivers(results: Iterable[Result], waivers: Sequence[Waiver]) -> list[Waiver]:
+    """The waivers that waived nothing in ``results`` (what they match passed, was not
+    supported or was not run): candidates for removal, as a linter's unused ignore."""
+    used = {r.waiver for r in results if r.waiver is not None}
+    return [w for w in waivers if w not in used]
 
 
 def verdict(impl: Implementation, case: Case, outcome: Outcome) -> tuple[Verdict, str]:
@@ -114,8 +193,10 @@ def run_gate(
     jobs: int | None = None,
     isolate: bool = True,
     progress: Callable[[Result], None] | None = None,
+    waivers: Sequence[Waiver] = (),
 ) -> list[Result]:
-    """Every case for every (implementation, device); results in a stable order."""
+    """Every case for every (implementation, device); results in a stable order. ``waivers``
+    turn the failures they match into waived results (see :func:`waive`)."""
     jobs = jobs or max(1, min(len(impls) * len(devices), os.cpu_count() or 1))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     by_id = {c.id: c for c in cases}
@@ -124,16 +205,20 @@ def run_gate(
     def record(impl: Implementation, device: str, case_id: str, outcome: Outcome, seconds: float):
         case = by_id[case_id]
         v, message = verdict(impl, case, outcome)
-        result = Result(
-            impl.name,
-            device,
-            case.id,
-            case.check,
-            case.rank,
-            case.description,
-            v,
-            message,
-            round(seconds, 4),
+        result = waive(
+            Result(
+                impl.name,
+                device,
+                case.id,
+                case.check,
+                case.category or category_of(case.check),
+                case.rank,
+                case.description,
+                v,
+                message,
+                round(seconds, 4),
+            ),
+            waivers,
         )
         results[(impl.name, device, case.id)] = result
         if progress:
@@ -179,59 +264,96 @@ def run_gate(
 # What gets written
 
 
-def to_json(results: Iterable[Result], env: dict) -> str:
-    results = list(results)
-    summary: dict[str, dict[str, int]] = {}
+def _category_order(category: str) -> int:
+    return CATEGORIES.index(category) if category in CATEGORIES else len(CATEGORIES)
+
+
+def _counts(results: Iterable[Result]) -> dict[str, int]:
+    counts: dict[str, int] = {}
     for r in results:
-        key = f"{r.implementation}@{r.device}"
-        summary.setdefault(key, {})
-        summary[key][r.verdict] = summary[key].get(r.verdict, 0) + 1
+        counts[r.verdict] = counts.get(r.verdict, 0) + 1
+    return counts
+
+
+def to_json(results: Iterable[Result], env: dict, waivers: Sequence[Waiver] = ()) -> str:
+    """Every result (with its category, and the waiver that waived it); per implementation@device
+    the verdict counts, overall and by category; the run's waivers."""
+    results = list(results)
+    groups: dict[str, list[Result]] = {}
+    for r in results:
+        groups.setdefault(f"{r.implementation}@{r.device}", []).append(r)
+    by_category: dict[str, dict[str, dict[str, int]]] = {}
+    for key, group in groups.items():
+        categories = sorted({r.category for r in group}, key=_category_order)
+        by_category[key] = {c: _counts(r for r in group if r.category == c) for c in categories}
     return json.dumps(
         {
             "schema": VERIFY_SCHEMA,
             "environment": env,
             "ok": all(r.ok for r in results),
-            "summary": summary,
+            "waivers": [dataclasses.asdict(w) for w in waivers],
+            "summary": {key: _counts(group) for key, group in groups.items()},
+            "summary_by_category": by_category,
             "results": [asdict(r) for r in results],
         },
         indent=2,
     )
 
 
+def _skipped(r: Result) -> str | None:
+    """Why a result reads as skipped in JUnit (None: it does not)."""
+    if r.verdict == Verdict.NOT_SUPPORTED:
+        return f"not supported: {r.message}"
+    first = r.message.splitlines()[0] if r.message else ""
+    if r.verdict == Verdict.DEVIATION:
+        return f"declared deviation: {first}"
+    if r.verdict == Verdict.WAIVED:
+        pattern = r.waiver.pattern if r.waiver else "?"
+        return f"waived (--ignore {pattern}): {first}"
+    return None
+
+
 def to_junit(results: Iterable[Result]) -> str:
+    """One testsuite per implementation@device and category ("vectorized@cpu: lifecycle"); each
+    testcase's classname is bnbench.IMPL@DEVICE.CATEGORY, so that viewers that build a
+    package/class tree from it (Jenkins) show implementations as packages and categories as
+    classes. Deviations, waived and unsupported cases are skipped, with the reason."""
     results = list(results)
-    suites = ET.Element("testsuites", name="bnbench verify")
-    groups: dict[str, list[Result]] = {}
+    groups: dict[tuple[str, str], list[Result]] = {}
     for r in results:
-        groups.setdefault(f"{r.implementation}@{r.device}", []).append(r)
-    for name, group in groups.items():
-        suite = ET.SubElement(
-            suites,
-            "testsuite",
-            name=name,
-            tests=str(len(group)),
-            failures=str(sum(r.verdict in BAD_VERDICTS for r in group)),
-            skipped=str(
-                sum(r.verdict in (Verdict.NOT_SUPPORTED, Verdict.DEVIATION) for r in group)
-            ),
-            time=f"{sum(r.seconds for r in group):.3f}",
-        )
+        groups.setdefault((f"{r.implementation}@{r.device}", r.category), []).append(r)
+    # implementations in the order they ran; within each, categories in CATEGORIES' order
+    columns = list(dict.fromkeys(name for name, _ in groups))
+    ordered = sorted(
+        groups.items(), key=lambda kv: (columns.index(kv[0][0]), _category_order(kv[0][1]))
+    )
+
+    def totals(group: list[Result]) -> dict[str, str]:
+        return {
+            "tests": str(len(group)),
+            "failures": str(sum(r.verdict in BAD_VERDICTS for r in group)),
+            "errors": "0",
+            "skipped": str(sum(_skipped(r) is not None for r in group)),
+            "time": f"{sum(r.seconds for r in group):.3f}",
+        }
+
+    suites = ET.Element("testsuites", {"name": "bnbench verify", **totals(results)})
+    for (name, category), group in ordered:
+        suite = ET.SubElement(suites, "testsuite", {"name": f"{name}: {category}", **totals(group)})
+        classname = f"bnbench.{name}.{category.replace(' ', '_')}"
         for r in group:
             tc = ET.SubElement(
-                suite, "testcase", classname=f"bnbench.{name}", name=r.case, time=f"{r.seconds:.4f}"
+                suite, "testcase", classname=classname, name=r.case, time=f"{r.seconds:.4f}"
             )
+            skipped = _skipped(r)
             if r.verdict in BAD_VERDICTS:
                 first = r.message.splitlines()[0] if r.message else r.verdict
                 ET.SubElement(
                     tc, "failure", message=f"{r.verdict}: {first}"[:500], type=r.verdict
                 ).text = r.message
-            elif r.verdict == Verdict.NOT_SUPPORTED:
-                ET.SubElement(tc, "skipped", message=f"not supported: {r.message}"[:500])
-            elif r.verdict == Verdict.DEVIATION:
-                ET.SubElement(
-                    tc,
-                    "skipped",
-                    message=("declared deviation: " + r.message.splitlines()[0])[:500],
-                )
+            elif skipped is not None:
+                element = ET.SubElement(tc, "skipped", message=skipped[:500])
+                if r.verdict == Verdict.WAIVED:
+                    element.text = r.message  # the reason, then the failure it waives
     ET.indent(suites)
     return ET.tostring(suites, encoding="unicode", xml_declaration=True)

@@ -60,6 +60,8 @@ class Config:
     needs_double_backward: bool = False
     # the check is about a rank-specific class (BatchNorm2d rejecting a 3-D input...)
     rank_specific: bool = False
+    # the check calls the constructor positionally, as nn.BatchNorm's signature allows
+    positional_constructor: bool = False
 
 
 def _default_state(module: nn.Module) -> dict[str, torch.Tensor | None]:
@@ -112,6 +114,9 @@ class Implementation:
     supports_backward: bool = True
     supports_double_backward: bool = True
     rank_specific: bool = True
+    # factory(rank, num_features, *args) passes positional arguments on to an nn.BatchNorm-like
+    # constructor (set by from_classes and from_module_class)
+    positional_constructor: bool = False
     deviations: Mapping[str, str] = field(default_factory=dict)
     state: Callable[[nn.Module], dict[str, torch.Tensor | None]] = _default_state
     # Any further limit: a reason string when the configuration is not supported.
@@ -176,6 +181,8 @@ class Implementation:
             reasons.append("double backward not supported")
         if config.rank_specific and not self.rank_specific:
             reasons.append("rank-specific check; the class takes every rank")
+        if config.positional_constructor and not self.positional_constructor:
+            reasons.append("built by a factory: nn.BatchNorm's positional signature does not apply")
         if self.extra_unsupported is not None:
             extra = self.extra_unsupported(config)
             if extra:
@@ -198,10 +205,11 @@ def from_classes(
     """An implementation made of rank-specific classes, keyed by input rank (2, 3, 4, 5)."""
     classes = dict(classes)
 
-    def factory(rank: int, num_features: int, **kwargs) -> nn.Module:
-        return classes[rank](num_features, **kwargs)
+    def factory(rank: int, num_features: int, *args, **kwargs) -> nn.Module:
+        return classes[rank](num_features, *args, **kwargs)
 
     declarations.setdefault("supports_ranks", frozenset(classes))
+    declarations.setdefault("positional_constructor", True)
     return Implementation(name=name, factory=factory, **declarations)
 
 
@@ -217,9 +225,10 @@ def from_module_class(name: str, cls: type[nn.Module], **declarations) -> Implem
     """An implementation made of one class with nn.BatchNorm's constructor: a subclass of
     nn.BatchNorm1d/2d/3d takes its base's ranks, any other class inputs of rank 2 to 5."""
 
-    def factory(rank: int, num_features: int, **kwargs) -> nn.Module:
-        return cls(num_features, **kwargs)
+    def factory(rank: int, num_features: int, *args, **kwargs) -> nn.Module:
+        return cls(num_features, *args, **kwargs)
 
+    declarations.setdefault("positional_constructor", True)
     for base, ranks in _BUILTIN_RANKS:
         if issubclass(cls, base):
             declarations.setdefault("supports_ranks", ranks)

@@ -65,6 +65,9 @@ class Verdict(_Text):
     UNEXPECTED_PASS = "unexpected-pass"  # declared deviation that passed: an error
     NOT_SUPPORTED = "not-supported"
     NOT_RUN = "not-run"  # a benchmark row whose vouching case was not run
+    # a fail or unexpected-pass the user waived (verify --ignore): reported, not gated on, and
+    # it vouches for nothing
+    WAIVED = "waived"
 
 
 BAD_VERDICTS = (Verdict.FAIL, Verdict.UNEXPECTED_PASS)
@@ -72,6 +75,7 @@ BAD_VERDICTS = (Verdict.FAIL, Verdict.UNEXPECTED_PASS)
 VERDICT_LABELS = {
     Verdict.FAIL: "FAIL",
     Verdict.UNEXPECTED_PASS: "XPASS",
+    Verdict.WAIVED: "waived",
     Verdict.DEVIATION: "dev",
     Verdict.PASS: "pass",
     Verdict.NOT_SUPPORTED: "n/s",

@@ -321,4 +321,8 @@ vectorized = from_classes(
     "vectorized",
     _classes,
     description="pure torch ops over a canonical (N, C, L) / (M, C) view, sum reductions",
+    deviations={
+        "forward_ad-*": "the hand-written autograd.Function defines backward only, no jvp: "
+        "forward-mode AD (torch.func.jvp) raises",
+    },
 )

@@ -7,10 +7,12 @@ implementation, so the deviation under test is the only one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from faithful_styles import STYLES
 from torch import nn
 
 from bnbench.registry import from_classes
@@ -42,15 +44,7 @@ class PlainBatchNorm(nn.Module):
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
         self.make_parameters(num_features, factory)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
-        else:
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                self.register_buffer(name, None)
+        self.make_buffers(num_features, factory)
         self.reset_parameters()
 
     def make_parameters(self, c, factory):
@@ -63,6 +57,30 @@ class PlainBatchNorm(nn.Module):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
+
+    def make_buffers(self, c, factory):
+        if self.track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(c, **factory))
+            self.register_buffer("running_var", torch.ones(c, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, device=factory["device"]),
+            )
+        else:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, None)
+
+    # nn.BatchNorm's state_dict version: those saved before num_batches_tracked existed are
+    # version 1 (or carry no version), and loading one keeps the module's counter.
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, metadata, *args):
+        key = prefix + "num_batches_tracked"
+        if metadata.get("version", 1) < 2 and self.track_running_stats and key not in state_dict:
+            count = self.num_batches_tracked
+            usable = count is not None and count.device.type != "meta"
+            state_dict[key] = count if usable else torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, metadata, *args)
 
     def reset_running_stats(self):
         if self.track_running_stats:
@@ -536,8 +554,12 @@ class WrongDefaultMomentum(PlainBatchNorm):
         track_running_stats=True,
         device=None,
         dtype=None,
+        *,
+        bias=True,
     ):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
 
 
 @catches("default_constructor-rank2", r"step 0 \(train\): output: .* elements outside")
@@ -551,8 +573,556 @@ class WrongDefaultEps(PlainBatchNorm):
         track_running_stats=True,
         device=None,
         dtype=None,
+        *,
+        bias=True,
+    ):
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
+
+
+# ---- broken, round two: sizes, numerics, lifecycle, object and autograd contract, bias=False --
+# Bugs real kernels and modules have had, adapted from an independent catalogue of single-bug
+# variants; each is caught by the case of the gate written for its area.
+
+
+def _rows(x):
+    """(N, C, *) -> (C, values): each channel's values in a row, in (n, spatial) order."""
+    return x.transpose(0, 1).reshape(x.shape[1], x.numel() // max(x.shape[1], 1))
+
+
+# -- Sizes and tiling: reductions in blocks, vectorized channel groups, micro-batches
+
+
+@catches("size_1025_c11-rank4", r"step 0 \(train\): output: .* elements outside")
+class BlockedStatsDropTail(PlainBatchNorm):
+    """Statistics reduced in blocks of 256 values per channel: above one block the partial
+    last block is dropped (a loop over n // 256 blocks)."""
+
+    def batch_stats(self, x, dims):
+        rows = _rows(x)
+        if rows.shape[1] <= 256:
+            return super().batch_stats(x, dims)
+        var, mean = torch.var_mean(rows[:, : rows.shape[1] // 256 * 256], 1, correction=0)
+        return mean, var
+
+
+@catches("size_17_c9-rank3", r"step 0 \(train\): running_mean: 1/9 elements outside")
+class RunningStatsChannelTailSkipped(PlainBatchNorm):
+    """The running-statistics update is vectorized over groups of 8 channels: with more than
+    8 channels the last C % 8 are never updated."""
+
+    def update(self, mean, var, n, factor):
+        c = mean.shape[0]
+        end = c // 8 * 8 if c > 8 else c
+        with torch.no_grad():
+            for buffer, value in ((self.running_mean, mean), (self.running_var, var * n / (n - 1))):
+                buffer[:end].copy_((1 - factor) * buffer[:end] + factor * value[:end])
+
+
+@catches("batch_65_c3-rank4", r"step 0 \(train\): output: .* elements outside")
+class LargeBatchChunkAverage(PlainBatchNorm):
+    """Batches above 64 are reduced in micro-batches of 64 whose means and variances are then
+    averaged: unweighted, and without the spread between the chunks' means."""
+
+    def batch_stats(self, x, dims):
+        if x.shape[0] <= 64:
+            return super().batch_stats(x, dims)
+        parts = [PlainBatchNorm.batch_stats(self, chunk, dims) for chunk in x.split(64)]
+        return tuple(torch.stack(values).mean(0) for values in zip(*parts))
+
+
+@catches("size_1025_c11-rank4", r"step 0 \(train\): bias grad: .* elements outside")
+class BiasGradDropsTail(PlainBatchNorm):
+    """The hand-written bias gradient sums grad_output in blocks of 512 values per channel and
+    drops the partial last block (forward and the other gradients are right)."""
+
+    def scale_shift(self, y):
+        if self.weight is not None:
+            y = y * self.weight.view(self.view)
+        return y if self.bias is None else _BiasAddBlockedGrad.apply(y, self.bias)
+
+
+class _BiasAddBlockedGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, bias):
+        return y + bias.view((1, -1) + (1,) * (y.dim() - 2))
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows = _rows(grad)
+        return grad, rows[:, : rows.shape[1] // 512 * 512 or rows.shape[1]].sum(1)
+
+
+@catches("size_7_c1-rank2", r"step 0 \(train\): output: .* elements outside")
+class SingleChannelUnbiasedVariance(PlainBatchNorm):
+    """A single-channel fast path normalizes with torch.var's default, unbiased, variance."""
+
+    def batch_stats(self, x, dims):
+        if x.shape[1] != 1:
+            return super().batch_stats(x, dims)
+        return x.mean().reshape(1), torch.var(x).reshape(1)
+
+
+# -- Numerics: variance formulas, eps against tiny variances, half-precision accumulation
+
+
+@catches("large_offset-rank2", r"step 0 \(train\): output: .* elements outside")
+class OnePassVariance(PlainBatchNorm):
+    """var = E[x^2] - E[x]^2 in one pass: catastrophic cancellation when |mean| >> std."""
+
+    def batch_stats(self, x, dims):
+        mean = x.mean(dims)
+        return mean, ((x * x).mean(dims) - mean * mean).clamp_min(0)
+
+
+@catches("variance_at_eps-rank2", r"step 0 \(train\): output: .* elements outside")
+class VarianceFlooredAtEps(PlainBatchNorm):
+    """Normalizes by sqrt(max(var, eps)) instead of sqrt(var + eps)."""
+
+    def normalize(self, x, mean, var):
+        return (x - mean.view(self.view)) / torch.sqrt(var.clamp_min(self.eps).view(self.view))
+
+
+@catches("variance_below_eps-rank4", r"step 0 \(train\): output: .* elements outside")
+class EpsOutsideSqrtForTinyVariance(PlainBatchNorm):
+    """A "safe" branch for variances below 1e-4 divides by sqrt(var) + eps."""
+
+    def normalize(self, x, mean, var):
+        std = torch.where(var < 1e-4, var.sqrt() + self.eps, (var + self.eps).sqrt())
+        return (x - mean.view(self.view)) / std.view(self.view)
+
+
+@catches("float16_many-rank4", r"step 0 \(train\): output: .* elements outside rtol=0.004")
+class HalfPrecisionAccumulator(PlainBatchNorm):
+    """For float16/bfloat16 input the per-channel totals (of 256-value blocks) are accumulated
+    in the input's dtype."""
+
+    def batch_stats(self, x, dims):
+        if self.input_dtype not in _HALF:
+            return super().batch_stats(x, dims)
+
+        def total(rows):
+            acc = rows.new_zeros(rows.shape[0])
+            for block in rows.split(256, 1):
+                acc = (acc + block.sum(1)).to(self.input_dtype).to(rows.dtype)
+            return acc
+
+        rows = _rows(x)
+        mean = total(rows) / rows.shape[1]
+        return mean, total((rows - mean[:, None]) ** 2) / rows.shape[1]
+
+    def forward(self, x):
+        self.input_dtype = x.dtype
+        return super().forward(x)
+
+
+# -- Lifecycle: attributes assigned between calls, caches, the running average, shared state
+
+
+@catches("eps_assigned-rank4", r"step 2 \(train\): output: .* elements outside")
+class EpsCachedAtConstruction(PlainBatchNorm):
+    """eps is bound when the module is built (a partial kernel): `module.eps = ...` is
+    ignored."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.built_eps = self.eps
+
+    def normalize(self, x, mean, var):
+        return (x - mean.view(self.view)) / torch.sqrt(var.view(self.view) + self.built_eps)
+
+
+@catches("momentum_assigned-rank3", r"step 2 \(train\): running_mean: .* elements outside")
+class MomentumCachedAtConstruction(PlainBatchNorm):
+    """momentum is copied when the module is built: `module.momentum = ...` is ignored."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.built_momentum = self.momentum
+
+    def momentum_factor(self, training):
+        if training and self.tracking() and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.built_momentum is None:
+                return 1.0 / float(self.num_batches_tracked)
+            return self.built_momentum
+        return 0.0
+
+
+@catches(
+    "momentum_none_varying_batch-rank2", r"step 1 \(train\): running_mean: .* elements outside"
+)
+class CumulativeAveragePerSample(PlainBatchNorm):
+    """momentum=None averages over samples (a batch weighs its number of values) instead of
+    over batches (1 / num_batches_tracked)."""
+
+    def update(self, mean, var, n, factor):
+        if self.momentum is None:
+            self.values_seen = getattr(self, "values_seen", 0) + n
+            factor = n / self.values_seen
+        super().update(mean, var, n, factor)
+
+
+@catches("load_between_calls-rank4", r"step 2 \(eval\): output: .* elements outside")
+class StaleEvalStatsCache(PlainBatchNorm):
+    """Eval caches the running statistics on first use and drops them only on .train():
+    load_state_dict, reset_running_stats or in-place edits made in eval go unseen."""
+
+    cached = None
+
+    def train(self, mode=True):
+        if mode:
+            self.cached = None
+        return super().train(mode)
+
+    def normalize(self, x, mean, var):
+        if mean is not None and mean is self.running_mean:  # eval, running statistics
+            if self.cached is None:
+                self.cached = (mean.clone(), var.clone())
+            mean, var = self.cached
+        return super().normalize(x, mean, var)
+
+
+@catches("training_assigned-rank4", r"step 1 \(eval_attr\): output: .* elements outside")
+class ModeFromTrainCalls(PlainBatchNorm):
+    """The mode is recorded by train()/eval(): `module.training = False` goes unseen."""
+
+    mode = True
+
+    def train(self, mode=True):
+        self.mode = mode
+        return super().train(mode)
+
+    def is_training(self):
+        return self.mode
+
+
+@catches("buffers_set_to_none-rank4", r"step 3 \(eval\): forward raised")
+class NoneBuffersNotBatchStats(PlainBatchNorm):
+    """Eval takes batch statistics only when track_running_stats is False, not when the
+    buffers are None (test-time adaptation sets them to None)."""
+
+    def uses_batch_stats(self, training):
+        return training or not self.track_running_stats
+
+
+@catches("legacy_state_dict-rank4", r"load_state_dict\(legacy state_dict\): RuntimeError")
+class LegacyStateDictRejected(PlainBatchNorm):
+    """No state_dict versioning: one saved before num_batches_tracked existed fails to load."""
+
+    def _load_from_state_dict(self, *args):
+        nn.Module._load_from_state_dict(self, *args)
+
+
+@catches("two_instances-rank4", r"running_mean: changed in a second instance")
+class SharedBuffers(PlainBatchNorm):
+    """Fresh running statistics come from a cache keyed by (size, dtype, device), so modules
+    built alike share their buffers."""
+
+    shared: dict = {}
+
+    def make_buffers(self, c, factory):
+        super().make_buffers(c, factory)
+        if self.track_running_stats:
+            key = (c, self.running_mean.dtype, self.running_mean.device)
+            names = ("running_mean", "running_var", "num_batches_tracked")
+            tensors = self.shared.setdefault(key, tuple(getattr(self, n) for n in names))
+            for name, tensor in zip(names, tensors):
+                setattr(self, name, tensor)
+
+
+@catches("inference_cache-rank4", r"step 2 \(eval_nograd\): output: .* elements outside")
+class FoldedInferenceCache(PlainBatchNorm):
+    """Inference (eval without autograd) folds the statistics, weight and bias into a cached
+    scale and shift, dropped only on .train(): in-place weight updates, loads, a new eps or a
+    reset made in eval go unseen."""
+
+    folded = None
+
+    def train(self, mode=True):
+        if mode:
+            self.folded = None
+        return super().train(mode)
+
+    def forward(self, x):
+        if self.training or torch.is_grad_enabled() or self.running_mean is None:
+            return super().forward(x)
+        self.check_input(x)
+        if self.folded is None:
+            scale = torch.rsqrt(self.running_var + self.eps)
+            scale = scale if self.weight is None else scale * self.weight
+            shift = -self.running_mean * scale
+            self.folded = (scale, shift if self.bias is None else shift + self.bias)
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        scale, shift = self.folded
+        return (x.to(self.compute_dtype(x)) * scale.view(view) + shift.view(view)).to(x.dtype)
+
+
+# -- Object contract: aliasing, buffer identity, dtypes and devices, copies
+
+
+@catches(
+    "mode_from_training_flag-rank4",
+    r"step 3 \(eval_nograd\): output: shares memory with the input",
+)
+class InPlaceEvalWithoutGrad(PlainBatchNorm):
+    """Without autograd, eval writes its result into the input to save an allocation."""
+
+    def finish(self, y, x):
+        y = super().finish(y, x)
+        return x.copy_(y) if not self.training and not torch.is_grad_enabled() else y
+
+
+@catches("default-rank4", r"state_dict\(\)\['running_mean'\]: an earlier state_dict\(\) no longer")
+class BufferDataReassigned(PlainBatchNorm):
+    """`buffer.data = new`: the same Python object, but new memory, so an earlier
+    state_dict() (and anything else viewing the buffer's memory) goes stale."""
+
+    def update(self, mean, var, n, factor):
+        self.running_mean.data = (1 - factor) * self.running_mean + factor * mean
+        self.running_var.data = (1 - factor) * self.running_var + factor * var * n / (n - 1)
+
+
+@catches("module_dtype-rank4", r"dtype=torch.float16: running_mean is torch.float32 on cpu")
+class BuffersAlwaysFloat32(PlainBatchNorm):
+    """The running statistics are float32 whatever dtype= asks for."""
+
+    def make_buffers(self, c, factory):
+        super().make_buffers(c, dict(factory, dtype=torch.float32))
+
+
+@catches("module_dtype-rank4", r"device='meta': weight is torch.float32 on cpu")
+class ParametersIgnoreDevice(PlainBatchNorm):
+    """weight and bias are built without device=."""
+
+    def make_parameters(self, c, factory):
+        super().make_parameters(c, dict(factory, device=None))
+
+
+@catches("copy_and_save-rank4", r"pickle: raised")
+class HoldsLambda(PlainBatchNorm):
+    """Keeps a lambda as an attribute (a cast helper built on first use): deepcopy works,
+    pickle and torch.save do not."""
+
+    def finish(self, y, x):
+        if not hasattr(self, "cast"):
+            self.cast = lambda y, x: y.to(x.dtype)
+        return self.cast(y, x)
+
+
+@catches("copy_and_save-rank4", r"deepcopy: the copy's state_dict differs from the original's")
+class DeepcopyRebuilds(PlainBatchNorm):
+    """__deepcopy__ rebuilds the module from its hyper-parameters and copies the parameters
+    only: the copy's running statistics are fresh."""
+
+    def __deepcopy__(self, memo):
+        new = type(self)(
+            self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats
+        )
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                getattr(new, name).copy_(param)
+        return new.train(self.training)
+
+
+@catches("eval_fresh_module-rank4", r"step 0 \(eval_nograd\): output: shares memory with the input")
+class EvalIdentityShortcut(PlainBatchNorm):
+    """Eval returns the input itself when the layer is an identity up to eps (default
+    statistics, weight 1, bias 0) and no parameter needs a gradient."""
+
+    def forward(self, x):
+        params = [p for p in (self.weight, self.bias) if p is not None]
+        if self.training or self.running_mean is None or self.eps >= 1e-4:
+            return super().forward(x)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return super().forward(x)
+        with torch.no_grad():
+            neutral = [(self.running_mean, 0), (self.running_var, 1), (self.weight, 1)]
+            identity = all(t is None or bool((t == v).all()) for t, v in neutral)
+            identity = identity and (self.bias is None or not bool(self.bias.any()))
+        return x if identity else super().forward(x)
+
+
+# -- Autograd contract: which gradients flow, and grad_output's layout
+
+
+@catches("grad_params_only-rank4", r"step 0 \(train\): output: does not require grad")
+class NoGraphWithoutInputGrad(PlainBatchNorm):
+    """An input that does not require grad is taken as inference: no graph, so the weight
+    and bias get no gradient."""
+
+    def forward(self, x):
+        if x.requires_grad:
+            return super().forward(x)
+        with torch.no_grad():
+            return super().forward(x)
+
+
+@catches("frozen_affine-rank4", r"step 0 \(train\): output: does not require grad")
+class FrozenAffineDetachesOutput(PlainBatchNorm):
+    """A layer whose weight is frozen is treated as frozen as a whole: its output is
+    detached, so no gradient reaches the input."""
+
+    def scale_shift(self, y):
+        y = super().scale_shift(y)
+        return y if self.weight is None or self.weight.requires_grad else y.detach()
+
+
+@catches("grad_output_permuted-rank4", r"step 0 \(train\): backward raised RuntimeError: view")
+class GradOutputViewed(PlainBatchNorm):
+    """The backward flattens grad_output with .view, assuming it is contiguous."""
+
+    def finish(self, y, x):
+        return _ViewsGrad.apply(super().finish(y, x))
+
+
+class _ViewsGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat = grad.view(grad.shape[0], grad.shape[1], math.prod(grad.shape[2:]))
+        return flat.view(grad.shape)
+
+
+@catches("grad_output_channels_last-rank4", r"step 0 \(train\): input grad: .* elements outside")
+class ChannelsLastGradReadAsContiguous(PlainBatchNorm):
+    """The backward makes grad_output contiguous unless it is already dense, then reads its
+    memory in NCHW order: a channels_last grad_output is read scrambled."""
+
+    def finish(self, y, x):
+        return _ReadsGradAsNCHW.apply(super().finish(y, x))
+
+
+class _ReadsGradAsNCHW(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad.dim() == 4 and grad.is_contiguous(memory_format=torch.channels_last):
+            return grad.as_strided(grad.shape, torch.empty(grad.shape, device="meta").stride())
+        return grad.contiguous()
+
+
+@catches("bias_false-rank4", r"step 0 \(train\): weight grad: is None")
+class WeightGradNeedsBias(PlainBatchNorm):
+    """The weight joins the graph only inside `if bias is not None` (mis-nested): with
+    bias=False the weight gets no gradient."""
+
+    def scale_shift(self, y):
+        if self.weight is not None and self.bias is None:
+            return y * self.weight.detach().view(self.view)
+        return super().scale_shift(y)
+
+
+@catches("forward_ad-rank4", r"train: forward AD raised NotImplementedError")
+class NoForwardAD(PlainBatchNorm):
+    """The output goes through a custom autograd.Function (a fused kernel's wrapper) with a
+    backward and no jvp: forward-mode AD (torch.func.jvp) raises."""
+
+    def finish(self, y, x):
+        return _BackwardOnly.apply(super().finish(y, x))
+
+
+class _BackwardOnly(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+# -- The constructor's bias=False (torch 2.13: a weight and no bias)
+
+
+@catches("defaults_bias_false-rank4", r"bias: expected None \(and no bias parameter\)")
+class BiasArgumentIgnored(PlainBatchNorm):
+    """bias=False is accepted and ignored: a trainable bias is created anyway."""
+
+    def make_parameters(self, c, factory):
+        self.bias_term = True
+        super().make_parameters(c, factory)
+
+
+@catches(
+    "state_dict_bias_false-rank4",
+    r"load_state_dict\(nn.BatchNorm's state_dict\) raised RuntimeError",
+)
+class BiasFalseRegistersZeroBuffer(PlainBatchNorm):
+    """bias=False registers a zero buffer named bias: a 'bias' key in the state_dict."""
+
+    def make_parameters(self, c, factory):
+        super().make_parameters(c, factory)
+        if self.affine and not self.bias_term:
+            del self._parameters["bias"]
+            self.register_buffer("bias", torch.zeros(c, **factory))
+
+
+@catches("defaults_bias_false-rank4", r"weight: expected a registered nn.Parameter, got NoneType")
+class BiasFalseDropsWeight(PlainBatchNorm):
+    """bias=False is taken as affine=False: no weight either."""
+
+    def make_parameters(self, c, factory):
+        if self.bias_term:
+            super().make_parameters(c, factory)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+
+@catches("bias_false-rank4", r"raised TypeError: .*unexpected keyword argument 'bias'")
+class NoBiasArgument(PlainBatchNorm):
+    """The constructor predates the keyword-only bias argument."""
+
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        device=None,
+        dtype=None,
     ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+
+
+@catches("module_dtype-rank4", r"dtype=torch.float16: bias is torch.float32 on cpu")
+class BiasIgnoresDtype(PlainBatchNorm):
+    """The bias is built without the dtype= factory argument."""
+
+    def make_parameters(self, c, factory):
+        super().make_parameters(c, factory)
+        if self.bias is not None:
+            self.bias = nn.Parameter(torch.zeros(c, device=factory["device"]))
+
+
+@catches("positional_constructor-rank4", r"track_running_stats is True, nn.BatchNorm's is False")
+class BiasBeforeTrackRunningStats(PlainBatchNorm):
+    """bias is a positional parameter placed before track_running_stats: a positional call
+    (C, eps, momentum, affine, False) turns the bias off and keeps the running statistics."""
+
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        bias=True,
+        track_running_stats=True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
 
 
 # ---- correct, written differently -------------------------------------------------------------
@@ -579,11 +1149,13 @@ class FunctionalBatchNorm(PlainBatchNorm):
 
 
 class _BatchNormFunction(torch.autograd.Function):
-    """Hand-written backward, itself differentiable (recomputed from saved inputs)."""
+    """Hand-written backward, itself differentiable (recomputed from saved inputs), and a
+    hand-written jvp for forward-mode AD."""
 
     @staticmethod
     def forward(ctx, x, eps, dims):
         ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
         ctx.eps, ctx.dims = eps, dims
         mean = x.mean(dims, keepdim=True)
         var = ((x - mean) ** 2).mean(dims, keepdim=True)
@@ -608,6 +1180,16 @@ class _BatchNormFunction(torch.autograd.Function):
             )
         )
         return dx, None, None
+
+    @staticmethod
+    def jvp(ctx, tx, _eps, _dims):
+        (x,) = ctx.saved_tensors
+        mean = x.mean(ctx.dims, keepdim=True)
+        invstd = torch.rsqrt(((x - mean) ** 2).mean(ctx.dims, keepdim=True) + ctx.eps)
+        xhat = (x - mean) * invstd
+        return invstd * (
+            tx - tx.mean(ctx.dims, keepdim=True) - xhat * (xhat * tx).mean(ctx.dims, keepdim=True)
+        )
 
 
 class AutogradFunctionBatchNorm(PlainBatchNorm):
@@ -651,7 +1233,10 @@ def _rank_classes(cls):
 
 
 def implementation(cls, **declarations):
-    return from_classes(cls.__name__, _rank_classes(cls), **declarations)
+    """The rank-specific implementation of ``cls``, with what the class declares about itself
+    (its ``declarations``: a limitation, say) and ``declarations`` on top."""
+    declared = {**getattr(cls, "declarations", {}), **declarations}
+    return from_classes(cls.__name__, _rank_classes(cls), **declared)
 
 
 CORRECT = [
@@ -660,4 +1245,5 @@ CORRECT = [
     AutogradFunctionBatchNorm,
     Float64Accumulation,
     VarMeanBatchNorm,
+    *STYLES,  # faithful_styles: loop, einsum, Chan, hand-written backward, functional core
 ]

@@ -23,3 +23,7 @@ settings.register_profile(
     "thorough", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("BNBENCH_HYPOTHESIS_PROFILE", "ci"))
+
+# The gate's model-based exploration runs a shorter profile here (spawned workers inherit it);
+# test_explore.py runs the full fixed-seed profile itself.
+os.environ.setdefault("BNBENCH_EXPLORE_QUICK", "1")

@@ -39,7 +39,14 @@ def test_passing_run_exits_0_and_writes_json_and_junit(tmp_path):
     # A plain class takes every rank: the rank-specific error check does not apply to it.
     assert verdicts[("catalogue:PlainBatchNorm", "wrong_rank-rank4")] == "not-supported"
     suites = ET.parse(tmp_path / "r.xml").getroot()
-    assert {s.get("name") for s in suites} == {"builtin@cpu", "catalogue:PlainBatchNorm@cpu"}
+    # one testsuite per implementation@device and category
+    assert {s.get("name") for s in suites} == {
+        "builtin@cpu: numerics",
+        "builtin@cpu: errors",
+        "catalogue:PlainBatchNorm@cpu: numerics",
+        "catalogue:PlainBatchNorm@cpu: errors",
+    }
+    assert {r["category"] for r in report["results"]} == {"numerics", "errors"}
     assert all(s.get("failures") == "0" for s in suites)
 
 

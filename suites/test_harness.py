@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from bnbench.cases import case_by_id
+from bnbench.cases import all_cases, case_by_id
 from bnbench.checks import FAIL, UNSUPPORTED, Outcome, run_case
 from bnbench.gate import verdict
 from bnbench.registry import Implementation, UsageError
@@ -39,9 +39,25 @@ def test_a_deviation_pattern_that_matches_no_case_is_an_error_at_registration():
 
 
 def test_broken_implementations_fail_overall_gate_not_just_one_case():
-    # The whole gate (not only the targeted case) reports each broken implementation.
+    # The whole case table (not only the targeted case) reports each broken implementation.
+    # Without the exploration: on a failing implementation it searches and then shrinks for
+    # about a minute per rank (test_explore.py covers it).
+    table = [case for case in all_cases() if case.kind != "explore"]
     for cls in list(BROKEN)[:5]:
-        assert gate_failures(implementation(cls)), cls.__name__
+        assert gate_failures(implementation(cls), table), cls.__name__
+
+
+def test_a_limitation_a_faithful_class_declares_is_not_supported_rather_than_failed():
+    from faithful_styles import OnceDifferentiableBatchNorm
+
+    impl = implementation(OnceDifferentiableBatchNorm)
+    assert not impl.supports_double_backward
+    case = case_by_id()["gradgradcheck_train-rank4"]
+    v, message = verdict(impl, case, run_case(impl, case, "cpu"))
+    assert v == Verdict.NOT_SUPPORTED and "double backward" in message
+    # the declaration is what makes it so: undeclared, the once-differentiable backward fails
+    undeclared = implementation(OnceDifferentiableBatchNorm, supports_double_backward=True)
+    assert verdict(undeclared, case, run_case(undeclared, case, "cpu"))[0] == Verdict.FAIL
 
 
 def test_failure_message_names_tensor_difference_and_location():

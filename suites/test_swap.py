@@ -103,6 +103,8 @@ def test_training_with_a_swapped_implementation_matches_builtin(name, dtype, imp
         torch.testing.assert_close(
             got.reshape(ref.shape), ref, **tol, msg=lambda m, key=key: f"final {key}: {m}"
         )
+    # a deviation in plain training (d2l's); others (forward-mode AD) do not show in a model
+    numeric_deviation = impl.deviation_for("default-rank4") is not None
     stats_and_eval_match = True
     try:
         ref_buffers = {k: v for k, v in reference.buffers.items() if "running" in k}
@@ -114,10 +116,10 @@ def test_training_with_a_swapped_implementation_matches_builtin(name, dtype, imp
             candidate.eval_output, reference.eval_output, **tol, msg=lambda m: f"eval outputs: {m}"
         )
     except (AssertionError, TypeError):
-        if not impl.deviations:
+        if not numeric_deviation:
             raise
         stats_and_eval_match = False
-    if impl.deviations:  # d2l: biased moving variance, not buffers: must show, not hide
+    if numeric_deviation:  # d2l: biased moving variance, not buffers: must show, not hide
         assert not stats_and_eval_match, "declared deviation did not show in a whole model"
 
 
