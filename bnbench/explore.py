@@ -697,7 +697,7 @@ QUICK_ENV = "BNBENCH_EXPLORE_QUICK"
 
 def fast_profile() -> dict:
     if os.environ.get(QUICK_ENV) == "1":
-        return {"examples": 8, "fast_seconds": 4.0, "shrink_seconds": 2.0}
+        return {"examples": 6, "fast_seconds": 3.0, "shrink_seconds": 2.0}
     return {}
 
 

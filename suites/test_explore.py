@@ -1,16 +1,16 @@
 """The model-based exploration inside the gate: it passes faithful implementations, finds bugs
 that need a sequence of operations, and shrinks them to a runnable reproducer."""
 
+import dataclasses
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 
 from bnbench.cases import case_by_id
 from bnbench.checks import FAIL, PASS, run_case
-from bnbench.explore import QUICK_ENV, explore, explore_grad, explore_input
+from bnbench.explore import QUICK_ENV, SECONDS_ENV, explore, explore_grad, explore_input
 from bnbench.registry import load_spec, resolve
 
 # A BatchNorm that reads eps once, at construction: only a sequence that assigns module.eps
@@ -34,12 +34,21 @@ class EpsCached(nn.BatchNorm2d):
 """
 
 
-@pytest.fixture
-def eps_cached(tmp_path, monkeypatch):
-    (tmp_path / "epscached.py").write_text(_EPS_CACHED)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return load_spec("epscached:EpsCached")
+@pytest.fixture(scope="module")
+def eps_cached(tmp_path_factory):
+    path = tmp_path_factory.mktemp("epscached")
+    (path / "epscached.py").write_text(_EPS_CACHED)
+    sys.path.insert(0, str(path))
+    try:
+        yield path, load_spec("epscached:EpsCached")
+    finally:
+        sys.path.remove(str(path))
+
+
+@pytest.fixture(scope="module")
+def eps_cached_found(eps_cached):
+    """One timed exploration of EpsCached, shared by the tests below."""
+    return explore(eps_cached[1], "cpu", 4, seconds=10, shrink_seconds=10)
 
 
 def test_builtin_passes_the_fixed_profile():
@@ -49,9 +58,9 @@ def test_builtin_passes_the_fixed_profile():
 
 
 def test_a_bug_that_needs_a_sequence_is_found_and_shrunk_to_a_runnable_reproducer(
-    eps_cached, tmp_path
+    eps_cached, eps_cached_found
 ):
-    found = explore(eps_cached, "cpu", 4, seconds=10, shrink_seconds=20)
+    found = eps_cached_found
     assert not found.ok
     snippet = found.reproducer
     # shrunk: the eps assignment that matters and a call after it, not the whole search
@@ -60,17 +69,21 @@ def test_a_bug_that_needs_a_sequence_is_found_and_shrunk_to_a_runnable_reproduce
     assert 1 <= calls <= 3, snippet
     assert snippet.count("\n") < 30, snippet
     # runnable on its own, and it shows the difference against nn.BatchNorm
-    (tmp_path / "repro.py").write_text(snippet)
+    path = eps_cached[0]
+    (path / "repro.py").write_text(snippet)
     run = subprocess.run(
-        [sys.executable, "repro.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [sys.executable, "repro.py"], cwd=path, capture_output=True, text=True, timeout=120
     )
     assert run.returncode == 0, run.stderr
     assert "max abs diff" in run.stdout, run.stdout
 
 
 def test_explore_is_a_case_of_the_gate_and_fails_with_the_reproducer(eps_cached, monkeypatch):
-    monkeypatch.delenv(QUICK_ENV, raising=False)  # the fixed-seed profile verify runs
-    outcome = run_case(eps_cached, case_by_id()["explore-rank4"], "cpu")
+    monkeypatch.delenv(QUICK_ENV, raising=False)
+    monkeypatch.setenv(SECONDS_ENV, "10")  # as verify --explore 10 does
+    # declared as a deviation: the case still fails (as a deviation), without shrinking
+    impl = dataclasses.replace(eps_cached[1], deviations={"explore-rank4": "known"})
+    outcome = run_case(impl, case_by_id()["explore-rank4"], "cpu")
     assert outcome.status == FAIL
     assert "exploration (" in outcome.message
     assert "reproducer (runs the implementation and nn.BatchNorm side by side):" in outcome.message
@@ -97,7 +110,6 @@ def test_timed_search_runs_fresh_sequences_until_the_budget_is_spent():
     assert found.examples >= 3
 
 
-def test_snippet_header_names_the_implementation(eps_cached):
-    found = explore(eps_cached, "cpu", 4, seconds=10, shrink_seconds=1)
-    assert "resolve(['epscached:EpsCached'])" in found.reproducer
-    assert textwrap.dedent(found.reproducer).startswith("# bnbench explore:")
+def test_snippet_header_names_the_implementation(eps_cached_found):
+    assert "resolve(['epscached:EpsCached'])" in eps_cached_found.reproducer
+    assert eps_cached_found.reproducer.startswith("# bnbench explore:")
