@@ -32,10 +32,10 @@ from bnbench.checks import (
     CheckFailed,
     _check_state,
     _describe,
+    _grad_output,
     _reference,
     check_step,
     held_buffers,
-    make_grad_output,
     make_input,
 )
 from bnbench.registry import RANK_TO_BUILTIN, Config, Implementation, _default_state
@@ -73,15 +73,8 @@ def explore_input(shape, seed: int, layout: str = "contiguous", device: str = "c
 def explore_grad(x: torch.Tensor, seed: int, layout: str = "same") -> torch.Tensor:
     """grad_output for ``x``'s call: same layout as x, or permuted / channels_last /
     contiguous storage of the same values."""
-    grad = make_grad_output(_input_case(tuple(x.shape), seed, "contiguous"), 0, x)
-    if layout == "permuted":
-        return grad.transpose(0, -1).contiguous().transpose(0, -1)
-    if layout == "channels_last":
-        fmt = torch.channels_last if grad.dim() == 4 else torch.channels_last_3d
-        return grad.contiguous(memory_format=fmt)
-    if layout == "contiguous":
-        return grad.contiguous()
-    return grad
+    case = dataclasses.replace(_input_case(tuple(x.shape), seed, "contiguous"), grad_layout=layout)
+    return _grad_output(case, 0, x)
 
 
 def _input_case(shape, seed: int, layout: str) -> Case:
