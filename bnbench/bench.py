@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from bnbench import timing
+from bnbench import isolation, timing
 from bnbench.cases import case_by_id
 from bnbench.gate import verdict
 from bnbench.isolation import run_items
@@ -33,10 +33,14 @@ from bnbench.results import (
     Status,
     Verdict,
     case_key,
+    clear_run_files,
     environment,
+    file_digest,
     geomean,
+    new_run_id,
+    output_lock,
     to_csv,
-    write_atomic,
+    write_all_atomic,
 )
 
 MODES = ("forward_train", "forward_eval", "backward", "forward_backward")
@@ -382,6 +386,9 @@ def bench_row(impl: Implementation, device: str, row: Row, sweep: Sweep) -> dict
     timing.synchronize(device)
     first_call_s = time.perf_counter() - begin
     graphs_after_first_call = graph_counter()
+    wrong = _wrong_output(row, out, xs[-1 % k])
+    if wrong:
+        return {"status": Status.ERROR, "message": wrong, "first_call_s": first_call_s}
     check = out if isinstance(out, torch.Tensor) else xs[-1 % k].grad
     if isinstance(check, torch.Tensor) and not bool(torch.isfinite(check).all()):
         return {
@@ -418,6 +425,27 @@ def bench_row(impl: Implementation, device: str, row: Row, sweep: Sweep) -> dict
     }
 
 
+def _wrong_output(row: Row, out: object, x: torch.Tensor) -> str:
+    """Why the first call's result cannot be what nn.BatchNorm gives (empty when it can): a
+    forward returns a tensor of the input's shape and dtype; a backward leaves the input a
+    gradient of its shape. Timing anything else would time a different computation."""
+    if row.model:
+        return ""
+    if row.mode in ("forward_train", "forward_eval"):
+        if not isinstance(out, torch.Tensor):
+            return f"forward returned {type(out).__name__}, not a tensor: not timed"
+        if tuple(out.shape) != tuple(x.shape) or out.dtype != x.dtype:
+            return (
+                f"forward returned a {out.dtype} tensor of shape {tuple(out.shape)} for a "
+                f"{x.dtype} input of shape {tuple(x.shape)}: not timed"
+            )
+        return ""
+    grad = x.grad
+    if not isinstance(grad, torch.Tensor) or tuple(grad.shape) != tuple(x.shape):
+        return "backward left no gradient of the input's shape in the input: not timed"
+    return ""
+
+
 def _graph_counter() -> Callable[[], int]:
     try:
         from torch._dynamo.utils import counters
@@ -435,7 +463,7 @@ def vouching_case(impl: Implementation, row: Row, cases: dict):
     return case
 
 
-def _bench_worker(
+def bench_worker(
     spec: str,
     device: str,
     threads: int,
@@ -446,6 +474,7 @@ def _bench_worker(
     items: list[str],
     channel,
 ) -> None:
+    """The worker's loop (bnbench.isolation's "bench" job): vouch for and time each row."""
     torch.set_num_threads(threads)
     from bnbench.checks import run_case
     from bnbench.registry import resolve
@@ -458,6 +487,16 @@ def _bench_worker(
     for item in items:
         channel.start(item)
         row = rows[int(item)]
+        # a limit only the implementation's own code knows (the parent may hold a stand-in)
+        reasons = impl.not_supported_reasons(row.config(device))
+        if reasons:
+            result = {
+                "status": Status.NOT_SUPPORTED,
+                "verified": Verdict.NOT_SUPPORTED,
+                "message": "; ".join(reasons),
+            }
+            channel.done(item, result)
+            continue
         case = vouching_case(impl, row, cases)
         if verify and case not in verdicts:
             verdicts[case] = verdict(impl, case, run_case(impl, case, device))[0]
@@ -467,6 +506,22 @@ def _bench_worker(
             result = {"status": Status.ERROR, "message": f"{type(exc).__name__}: {exc}"[:500]}
         result["verified"] = verdicts.get(case, Verdict.NOT_RUN)
         channel.done(item, result)
+
+
+def validate_result(result: dict) -> tuple[dict, list[float]]:
+    """A worker's row result, checked (bnbench.schema.BenchResult): (the columns it sets, its
+    samples). ValueError saying which field is wrong: a worker's numbers are not trusted, a
+    zero or NaN median would divide by zero or poison every summary."""
+    from pydantic import ValidationError
+
+    from bnbench.schema import BenchResult, describe
+
+    try:
+        checked = BenchResult.model_validate(result)
+    except ValidationError as exc:
+        raise ValueError(describe(exc)) from None
+    data = checked.model_dump(exclude_none=True)
+    return data, data.pop("samples", [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,8 +578,11 @@ def base_columns(impl_name: str, device: str, row: Row) -> dict:
 
 
 class ResultsWriter:
-    """Rewrites results.csv and samples.csv atomically after every row, so an interrupted
-    sweep leaves every finished row on disk and never a half-written file."""
+    """Rewrites results.csv, samples.csv and environment.json after every row, so an
+    interrupted sweep leaves every finished row on disk and never a half-written file. The
+    three are written as one set (every file staged and fsynced before any is renamed), and
+    environment.json, renamed last, records each table's sha256 and the run's ``run_id``: a
+    reader that finds tables not matching it knows they come from different writes."""
 
     def __init__(self, directory: Path, env: dict):
         self.directory = Path(directory)
@@ -552,10 +610,25 @@ class ResultsWriter:
         self.flush()
 
     def flush(self, complete: bool = False) -> None:
-        write_atomic(self.directory / "results.csv", to_csv(self.rows, COLUMNS))
-        write_atomic(self.directory / "samples.csv", to_csv(self.samples, SAMPLE_COLUMNS))
-        env = dict(self.env, complete=complete, rows=len(self.rows))
-        write_atomic(self.directory / "environment.json", json.dumps(env, indent=2))
+        results = to_csv(self.rows, COLUMNS)
+        samples = to_csv(self.samples, SAMPLE_COLUMNS)
+        env = dict(
+            self.env,
+            complete=complete,
+            rows=len(self.rows),
+            files={
+                "results.csv": {"sha256": file_digest(results), "rows": len(self.rows)},
+                "samples.csv": {"sha256": file_digest(samples), "rows": len(self.samples)},
+            },
+        )
+        # environment.json last: its digests describe the tables already in place
+        write_all_atomic(
+            {
+                self.directory / "results.csv": results,
+                self.directory / "samples.csv": samples,
+                self.directory / "environment.json": json.dumps(env, indent=2),
+            }
+        )
 
 
 def run_sweep(
@@ -569,8 +642,24 @@ def run_sweep(
     timeout: float = 300.0,
     verify: bool = True,
     progress: Callable[[dict], None] | None = None,
+    run_id: str | None = None,
 ) -> Path:
-    """Benchmark every implementation on every device over the sweep; returns the directory."""
+    """Benchmark every implementation on every device over the sweep; returns the directory.
+
+    The directory is held for the run (a second run writing there is refused: OutputInUse)
+    and a new run (no ``run_id`` given) first removes what an earlier run left there;
+    ``bnbench run`` passes the run_id it wrote into verify.json."""
+    with output_lock(output):
+        if run_id is None:
+            run_id = new_run_id()
+            clear_run_files(output)
+        return _run_sweep(
+            impls, specs, devices, sweep, Path(output), threads, timeout, verify, progress, run_id
+        )
+
+
+def _run_sweep(impls, specs, devices, sweep, output, threads, timeout, verify, progress, run_id):
+    isolation.begin()
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     rows = sweep.rows()
@@ -582,6 +671,7 @@ def run_sweep(
             "threads": threads,
             "devices": devices,
             "implementations": specs,
+            "run_id": run_id,
         }
     )
     writer = ResultsWriter(output, env)
@@ -596,7 +686,7 @@ def run_sweep(
                 runnable = []
                 for index, row in enumerate(rows):
                     reasons = impl.not_supported_reasons(row.config(device))
-                    if reasons:
+                    if reasons or impl.load_error:
                         writer.add(
                             finish_row(
                                 base_columns(impl.name, device, row),
@@ -604,6 +694,12 @@ def run_sweep(
                                     "status": Status.NOT_SUPPORTED,
                                     "verified": Verdict.NOT_SUPPORTED,
                                     "message": "; ".join(reasons),
+                                }
+                                if reasons
+                                else {
+                                    "status": Status.CRASHED,
+                                    "verified": Verdict.NOT_RUN,
+                                    "message": impl.load_error,
                                 },
                                 None,
                                 threads,
@@ -617,10 +713,19 @@ def run_sweep(
 
                 def received(item, result, problem, seconds, impl=impl, device=device):
                     row = rows[int(item)]
-                    if result is None:
+                    samples: list[float] = []
+                    if result is not None:
+                        try:
+                            result, samples = validate_result(result)
+                        except ValueError as exc:
+                            result = {
+                                "status": Status.ERROR,
+                                "message": f"the worker sent an invalid result: {exc}"[:2000],
+                                "verified": Verdict.NOT_RUN,
+                            }
+                    else:
                         status = Status.HUNG if problem.startswith("hung") else Status.CRASHED
                         result = {"status": status, "message": problem, "verified": Verdict.NOT_RUN}
-                    samples = result.pop("samples", [])
                     writer.add(
                         finish_row(
                             base_columns(impl.name, device, row),
@@ -636,7 +741,7 @@ def run_sweep(
                 if runnable:
                     rows_json = json.dumps([r.to_dict() for r in rows])
                     run_items(
-                        _bench_worker,
+                        "bench",
                         (spec, device, threads, rows_json, sweep.name, verify),
                         runnable,
                         timeout,
@@ -649,10 +754,18 @@ def run_sweep(
     return output
 
 
+# A row vouched for by one of these verdicts timed something that is not nn.BatchNorm's
+# computation (or that nobody vouches for: waived): never a speed-up, never the fastest.
+FAILED_VERIFICATION = (Verdict.FAIL, Verdict.UNEXPECTED_PASS, Verdict.WAIVED)
+
+
 def summary_lines(rows: list[dict], baseline: str = "builtin") -> list[str]:
     """Per implementation and device: geometric-mean time relative to the baseline
-    implementation and to the floor."""
+    implementation and to the floor, over the rows that did not fail verification (those
+    are counted and named as such, with no ratio)."""
     ok = [r for r in rows if r["status"] == Status.OK]
+    failed = [r for r in ok if r.get("verified") in FAILED_VERIFICATION]
+    ok = [r for r in ok if r.get("verified") not in FAILED_VERIFICATION]
     by_case = {case_key(r): r for r in ok if r["implementation"] == baseline}
     lines = []
     for name, device in dict.fromkeys((r["implementation"], r["device"]) for r in ok):
@@ -664,5 +777,11 @@ def summary_lines(rows: list[dict], baseline: str = "builtin") -> list[str]:
         lines.append(
             f"{name}@{device}: {len(mine)} rows, time / {baseline} (geometric mean) "
             f"{vs_baseline:.2f}x, time / floor {floor:.2f}x"
+        )
+    for name, device in dict.fromkeys((r["implementation"], r["device"]) for r in failed):
+        n = sum(r["implementation"] == name and r["device"] == device for r in failed)
+        lines.append(
+            f"{name}@{device}: {n} rows FAILED VERIFICATION (timed, but what they compute is not "
+            "nn.BatchNorm's): no speed-up is given for them"
         )
     return lines

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import signal
 import sys
 import time
 
@@ -19,8 +20,17 @@ from rich.table import Table
 
 from bnbench import gate
 from bnbench.cases import CATEGORIES, all_cases
-from bnbench.registry import UsageError, entry_point_implementations, resolve
-from bnbench.results import VERDICT_LABELS, Status, Verdict, environment, write_atomic
+from bnbench.registry import UsageError, entry_point_implementations, resolve_isolated
+from bnbench.results import (
+    VERDICT_LABELS,
+    OutputInUse,
+    Status,
+    Verdict,
+    check_writable_directory,
+    check_writable_file,
+    environment,
+    write_all_atomic,
+)
 
 STYLE = {
     Verdict.PASS: "green",
@@ -101,13 +111,21 @@ def print_matrix(console: Console, results: list[gate.Result], verbose: bool) ->
 
 
 def print_details(console: Console, results: list[gate.Result], verbose: bool) -> None:
-    bad = [r for r in results if not r.ok]
-    for r in bad:
-        console.print(
-            f"\n[bold red]{r.verdict.upper()}[/] {r.implementation}@{r.device} "
-            f"{r.case} ({r.description})"
-        )
-        for line in r.message.splitlines():
+    # One root cause often fails many cases with the same words (an implementation that could
+    # not be loaded fails them all): each message is printed once, with the cases it covers.
+    same: dict[tuple[str, str, str], list[gate.Result]] = {}
+    for r in results:
+        if not r.ok:
+            same.setdefault((r.verdict, f"{r.implementation}@{r.device}", r.message), []).append(r)
+    for (verdict, column, message), group in same.items():
+        first = group[0]
+        if len(group) == 1:
+            what = f"{first.case} ({first.description})"
+        else:
+            names = ", ".join(r.case for r in group[:6]) + (", ..." if len(group) > 6 else "")
+            what = f"{len(group)} cases with the same message ({names})"
+        console.print(f"\n[bold red]{verdict.upper()}[/] {escape(column)} {escape(what)}")
+        for line in message.splitlines():
             console.print(f"    {line}", markup=False)
     deviations: dict[tuple[str, str], list[str]] = {}
     for r in results:
@@ -145,7 +163,9 @@ def print_waived(console: Console, results: list[gate.Result], verbose: bool) ->
                 console.print(f"    {r.case}: {line}", markup=False)
 
 
-def print_summary(console: Console, results: list[gate.Result], seconds: float) -> None:
+def print_summary(
+    console: Console, results: list[gate.Result], seconds: float, interrupted: bool = False
+) -> None:
     groups: dict[str, dict[str, int]] = {}
     for r in results:
         g = groups.setdefault(f"{r.implementation}@{r.device}", {})
@@ -153,15 +173,28 @@ def print_summary(console: Console, results: list[gate.Result], seconds: float) 
     console.print()
     for name, counts in groups.items():
         parts = ", ".join(f"{counts[v]} {v}" for v in STYLE if counts.get(v))
-        console.print(f"{name}: {parts}")
+        console.print(f"{name}: {parts}", markup=False)
     n_bad = sum(not r.ok for r in results)
     n_waived = sum(r.verdict == Verdict.WAIVED for r in results)
-    status = "[bold red]FAILED[/]" if n_bad else "[bold green]OK[/]"
+    n_run = sum(r.verdict != Verdict.NOT_SUPPORTED for r in results)
+    if interrupted:
+        status = "[bold red]INTERRUPTED[/]"
+    elif n_bad or not n_run:
+        status = "[bold red]FAILED[/]"
+    else:
+        status = "[bold green]OK[/]"
+    tail = (
+        " (not finished: the rest did not run)"
+        if interrupted
+        else ""
+        if n_run
+        else " (nothing was verified: every case was not supported)"
+    )
     console.print(
         f"{status}: {n_bad} unexpected result(s) in {len(results)} "
         f"(implementation, device, case) combinations"
         + (f" ({n_waived} waived)" if n_waived else "")
-        + f", {seconds:.1f} s"
+        + f", {seconds:.1f} s{tail}"
     )
 
 
@@ -180,13 +213,58 @@ def _devices(requested: tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(requested))
 
 
-def _implementations(specs: tuple[str, ...]):
+def _implementations(specs: tuple[str, ...], timeout: float = 120.0):
+    """The implementations named by ``--impl`` (every registered one by default). Code that is
+    not bnbench's own is imported first in a probe process under ``timeout``: a module that
+    exits, crashes or hangs on import costs its own rows, never the run."""
+    repeated = sorted({s for s in specs if specs.count(s) > 1})
+    if repeated:
+        raise click.UsageError(f"--impl {repeated[0]} is given more than once")
     try:
-        impls = resolve(list(specs))
+        impls = resolve_isolated(list(specs), timeout=timeout)
     except UsageError as exc:
         raise click.UsageError(str(exc)) from exc
     names = list(specs) if specs else [impl.name for impl in impls]
     return impls, names
+
+
+def _check_outputs(files=(), directories=()) -> None:
+    """Usage error (exit 2) naming the first output that cannot be written, before any work."""
+    for path in files:
+        problem = check_writable_file(path) if path else None
+        if problem:
+            raise click.UsageError(f"cannot write the output {problem}")
+    for path in directories:
+        problem = check_writable_directory(path)
+        if problem:
+            raise click.UsageError(f"cannot write the output directory {problem}")
+
+
+class _Signals:
+    """SIGTERM and SIGHUP take the Ctrl-C path (workers killed, finished work written); the
+    exit code then says which signal: 128 + its number (130 for Ctrl-C)."""
+
+    def __init__(self):
+        self.number = signal.SIGINT
+
+    def __enter__(self):
+        self._previous = {}
+        for number in (signal.SIGTERM, signal.SIGHUP):
+            self._previous[number] = signal.signal(number, self._raise)
+        return self
+
+    def _raise(self, number, frame):
+        self.number = signal.Signals(number)
+        raise KeyboardInterrupt()
+
+    def __exit__(self, *exc):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        return False
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.number)
 
 
 @main.command()
@@ -269,7 +347,9 @@ def verify(
     jobs,
     verbose,
 ):
-    """Check implementations against nn.BatchNorm semantics; exit 1 on an unexpected result."""
+    """Check implementations against nn.BatchNorm semantics; exit 1 on an unexpected result
+    or when nothing was verified, 2 on bad usage, 130 on Ctrl-C (143 on SIGTERM), after
+    writing what finished."""
     from bnbench.explore import SECONDS_ENV, SHRINK_SECONDS
 
     # The spawned workers read it (and a later verify in this process must not inherit it).
@@ -278,7 +358,7 @@ def verify(
         os.environ[SECONDS_ENV] = repr(explore_seconds)
         # the explore cases get the search, shrinking and slack before they count as hung
         timeout = max(timeout, explore_seconds + SHRINK_SECONDS + 60)
-    impls, specs = _implementations(impl_specs)
+    _check_outputs(files=(json_path, junit_path))
     devices = _devices(devices)
     cases = all_cases()
     try:
@@ -299,31 +379,41 @@ def verify(
             raise click.UsageError(f"--case {' '.join(case_patterns)}: no case matches")
     console = _console()
     start = time.perf_counter()
-    with Progress(
-        TextColumn("verify"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    ) as bar:
-        task = bar.add_task("", total=len(impls) * len(devices) * len(cases))
+    interrupted = False
+    with _Signals() as signals:
+        try:
+            impls, specs = _implementations(impl_specs, timeout)
+            with Progress(
+                TextColumn("verify"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.description}"),
+                console=console,
+                transient=True,
+                disable=not console.is_terminal,
+            ) as bar:
+                task = bar.add_task("", total=len(impls) * len(devices) * len(cases))
 
-        def progress(result: gate.Result) -> None:
-            bar.update(task, advance=1, description=f"{result.implementation} {result.case}")
+                def progress(result: gate.Result) -> None:
+                    bar.update(
+                        task, advance=1, description=f"{result.implementation} {result.case}"
+                    )
 
-        results = gate.run_gate(
-            impls,
-            specs,
-            devices,
-            cases,
-            timeout=timeout,
-            jobs=jobs,
-            progress=progress,
-            waivers=waivers,
-        )
+                results = gate.run_gate(
+                    impls,
+                    specs,
+                    devices,
+                    cases,
+                    timeout=timeout,
+                    jobs=jobs,
+                    progress=progress,
+                    waivers=waivers,
+                )
+        except gate.Interrupted as stopped:
+            results, interrupted = stopped.results, True
+        except KeyboardInterrupt:  # before the gate started (loading the implementations)
+            results, interrupted = [], True
     seconds = time.perf_counter() - start
     print_matrix(console, results, verbose)
     print_details(console, results, verbose)
@@ -332,13 +422,16 @@ def verify(
             f"[dim]--ignore {escape(waiver.pattern)}: waived nothing in this run (what it "
             "matches passed, was not supported or not run, or an earlier --ignore waived it)[/]"
         )
-    print_summary(console, results, seconds)
-    env = environment()
+    print_summary(console, results, seconds, interrupted=interrupted)
+    outputs = {}
     if json_path:
-        write_atomic(json_path, gate.to_json(results, env, waivers))
+        outputs[json_path] = gate.to_json(results, environment(), waivers, interrupted=interrupted)
     if junit_path:
-        write_atomic(junit_path, gate.to_junit(results))
-    sys.exit(0 if all(r.ok for r in results) else 1)
+        outputs[junit_path] = gate.to_junit(results)
+    write_all_atomic(outputs)  # both or neither
+    if interrupted:
+        sys.exit(signals.exit_code)
+    sys.exit(0 if gate.passed(results) else 1)
 
 
 def _print_bench_summary(console: Console, directory, baseline: str = "builtin") -> list[dict]:
@@ -422,51 +515,58 @@ def bench(impl_specs, devices, sweep_name, output, threads, timeout, no_verify):
 
     from bnbench import bench as engine
 
-    impls, specs = _implementations(impl_specs)
+    _check_outputs(directories=(output,))
     devices = _devices(devices)
     sweep = engine.SWEEPS[sweep_name]
     console = _console()
-    total = len(impls) * len(devices) * len(sweep.rows())
     start = time.perf_counter()
-    with Progress(
-        TextColumn(f"bench {sweep.name}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("", total=total)
-
-        def progress(row):
-            bar.update(
-                task,
-                advance=1,
-                description=f"{row['implementation']} {row['mode']} {row['shape']} {row['dtype']}",
-            )
-
+    with _Signals() as signals:
         try:
-            engine.run_sweep(
-                impls,
-                specs,
-                devices,
-                sweep,
-                Path(output),
-                threads=threads,
-                timeout=timeout,
-                verify=not no_verify,
-                progress=progress,
-            )
+            impls, specs = _implementations(impl_specs, timeout)
+            total = len(impls) * len(devices) * len(sweep.rows())
+            with Progress(
+                TextColumn(f"bench {sweep.name}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.description}"),
+                console=console,
+                transient=True,
+            ) as bar:
+                task = bar.add_task("", total=total)
+
+                def progress(row):
+                    bar.update(
+                        task,
+                        advance=1,
+                        description=f"{row['implementation']} {row['mode']} {row['shape']} "
+                        f"{row['dtype']}",
+                    )
+
+                engine.run_sweep(
+                    impls,
+                    specs,
+                    devices,
+                    sweep,
+                    Path(output),
+                    threads=threads,
+                    timeout=timeout,
+                    verify=not no_verify,
+                    progress=progress,
+                )
+        except OutputInUse as exc:
+            raise click.UsageError(str(exc)) from exc
         except KeyboardInterrupt:
             console.print(f"interrupted: the finished rows are in {output}/results.csv")
-            sys.exit(130)
+            sys.exit(signals.exit_code)
     rows = _print_bench_summary(console, Path(output))
     bad = [r for r in rows if r["status"] not in (Status.OK, Status.NOT_SUPPORTED)]
     for r in bad:
         console.print(
-            f"[red]{r['status']}[/] {r['implementation']}@{r['device']} {r['mode']} "
-            f"{r['shape']} {r['dtype']}: {r['message']}"
+            f"{r['status']} {r['implementation']}@{r['device']} {r['mode']} "
+            f"{r['shape']} {r['dtype']}: {r['message']}",
+            style="red",
+            markup=False,
         )
     console.print(
         f"{len(rows)} rows in {time.perf_counter() - start:.0f} s: {Path(output) / 'results.csv'}"
@@ -493,6 +593,7 @@ def report(inputs, output, baseline):
     from bnbench.report import write_report
     from bnbench.runs import ReportInputError
 
+    _check_outputs(directories=(output,))
     try:
         path = write_report(list(inputs), output, baseline=baseline)
     except ReportInputError as exc:
@@ -518,43 +619,85 @@ def report(inputs, output, baseline):
     "gate decides on each implementation's geometric mean over its cases.",
 )
 def compare(baseline, new, threshold, per_case):
-    """NEW / BASELINE per implementation and case; exit 1 on a regression, 2 on bad input."""
-    from bnbench.regression import compare_implementations, compare_runs
+    """NEW / BASELINE per implementation and case; exit 1 on a regression or on rows measured in
+    BASELINE but not in NEW, 2 on bad input."""
+    from bnbench.regression import LISTED, compare_implementations, printable
+    from bnbench.regression import compare as compare_stored
     from bnbench.runs import ReportInputError
 
     try:
-        cases = compare_runs(baseline, new, threshold)
+        result = compare_stored(baseline, new, threshold)
     except ReportInputError as exc:
         raise click.UsageError(str(exc)) from exc
+    cases = result.cases
     summary = compare_implementations(cases, threshold)
     console = _console()
-    table = Table(title=f"NEW / BASELINE, 95% bootstrap intervals, threshold {threshold:g}%")
+    methods = ", ".join(sorted((set(summary.method) | set(cases.method)) - {"none"}))
+    table = Table(title=f"NEW / BASELINE, 95% intervals ({methods}), threshold {threshold:g}%")
     for column in ("implementation", "device", "cases", "geomean ratio", "95% interval", "verdict"):
         table.add_column(column)
     for r in summary.itertuples():
         style = {"regression": "bold red", "improvement": "green"}.get(r.verdict, "")
         table.add_row(
-            r.implementation,
-            r.device,
+            escape(printable(r.implementation)),
+            escape(printable(r.device)),
             str(r.cases),
             f"{r.geomean_ratio:.3f}",
             f"[{r.ci_low:.3f}, {r.ci_high:.3f}]",
             f"[{style}]{r.verdict}[/]" if style else r.verdict,
         )
     console.print(table)
-    flagged = cases[cases.verdict != "same"]
-    for r in flagged.itertuples():
-        console.print(
-            f"  case {r.verdict}: {r.implementation}@{r.device} {r.mode} {r.shape} "
-            f"{r.dtype} {r.memory_format}: {r.ratio:.3f} [{r.ci_low:.3f}, "
-            f"{r.ci_high:.3f}] ({r.method})",
-            markup=False,
+
+    def key(r) -> str:
+        return printable(
+            f"{r.implementation}@{r.device} {r.mode} {r.shape} {r.dtype} {r.memory_format}"
+            + (f" {r.model}" if r.model else "")
         )
+
+    def listing(lines: list[str], total: int, what: str) -> None:
+        for line in lines:
+            console.print(line, markup=False, highlight=False)
+        if total > len(lines):
+            console.print(f"  ... and {total - len(lines)} more {what}", markup=False)
+
+    flagged = cases[cases.verdict != "same"]
+    listing(
+        [
+            f"  case {r.verdict}: {key(r)}: {r.ratio:.3f} [{r.ci_low:.3f}, "
+            f"{r.ci_high:.3f}] ({r.method})"
+            for r in flagged.head(LISTED).itertuples()
+        ],
+        len(flagged),
+        "flagged cases",
+    )
+    lost, added = result.lost, result.added
+    listing(
+        [
+            f"  lost: measured in BASELINE, not in NEW: {r.new_status}: {key(r)}"
+            + (f": {printable(r.message)[:200]}" if r.message else "")
+            for r in lost.head(LISTED).itertuples()
+        ],
+        len(lost),
+        "lost rows",
+    )
+    listing(
+        [
+            f"  new: measured in NEW only (BASELINE: {r.baseline_status}): {key(r)}"
+            for r in added.head(LISTED).itertuples()
+        ],
+        len(added),
+        "rows only in NEW",
+    )
     regressed = (summary.verdict == "regression").any() or (
         per_case and (cases.verdict == "regression").any()
     )
-    console.print("[bold red]REGRESSION[/]" if regressed else "[green]no regression[/]")
-    sys.exit(1 if regressed else 0)
+    if regressed or len(lost):
+        why = ["slower"] if regressed else []
+        why += [f"{len(lost)} rows measured in BASELINE are not in NEW"] if len(lost) else []
+        console.print(f"[bold red]REGRESSION[/] ({'; '.join(why)})")
+    else:
+        console.print("[green]no regression[/]")
+    sys.exit(1 if regressed or len(lost) else 0)
 
 
 class _ConsoleListener:
@@ -617,19 +760,28 @@ def run(name, reports_dir, impl_specs, devices, sweep_name, baseline):
 
     from bnbench import pipeline
 
-    impls, specs = _implementations(impl_specs)
     devices = _devices(devices)
     name = name or f"{socket.gethostname()}-{datetime.now():%Y%m%d-%H%M}"
+    output = Path(reports_dir) / name
+    _check_outputs(directories=(output,))
     console = _console()
-    outcome = pipeline.run(
-        impls,
-        specs,
-        devices,
-        Path(reports_dir) / name,
-        sweep_name=sweep_name,
-        baseline=baseline,
-        listener=_ConsoleListener(console, baseline),
-    )
+    with _Signals() as signals:
+        try:
+            impls, specs = _implementations(impl_specs)
+            outcome = pipeline.run(
+                impls,
+                specs,
+                devices,
+                output,
+                sweep_name=sweep_name,
+                baseline=baseline,
+                listener=_ConsoleListener(console, baseline),
+            )
+        except OutputInUse as exc:
+            raise click.UsageError(str(exc)) from exc
+        except (KeyboardInterrupt, gate.Interrupted):
+            console.print(f"interrupted: what finished is in {output}")
+            sys.exit(signals.exit_code)
     console.print(f"report: {outcome.report}")
     sys.exit(0 if outcome.ok else 1)
 
@@ -648,6 +800,7 @@ def study(output, smoke):
 
     from bnbench.study import QUICK_STUDY, SMOKE_STUDY, write_study
 
+    _check_outputs(directories=(output,))
     for line in write_study(Path(output), SMOKE_STUDY if smoke else QUICK_STUDY):
         _console().print(line, markup=False)
 

@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from bnbench import isolation
 from bnbench.cases import CATEGORIES, Case, category_of
 from bnbench.checks import FAIL, PASS, UNSUPPORTED, Outcome, run_case
 from bnbench.isolation import run_items
@@ -135,6 +136,12 @@ def verdict(impl: Implementation, case: Case, outcome: Outcome) -> tuple[Verdict
     return Verdict.DEVIATION, f"{reason}\n{outcome.message}"
 
 
+def passed(results: Sequence[Result]) -> bool:
+    """What the exit code says: nothing unexpected failed, and something was verified (a run
+    where every case was not supported, or none ran, verified nothing: not a pass)."""
+    return all(r.ok for r in results) and any(r.verdict != Verdict.NOT_SUPPORTED for r in results)
+
+
 def available_devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -143,7 +150,8 @@ def available_devices() -> list[str]:
 # Worker process
 
 
-def _gate_worker(spec: str, device: str, threads: int, *, items: list[str], channel) -> None:
+def gate_worker(spec: str, device: str, threads: int, *, items: list[str], channel) -> None:
+    """The worker's loop (bnbench.isolation's "gate" job): run each case, send its outcome."""
     torch.set_num_threads(threads)
     from bnbench.cases import case_by_id
     from bnbench.registry import resolve
@@ -175,12 +183,37 @@ def run_isolated(
     """Run cases in a worker process; a hang or a crash fails that case, not the run."""
 
     def received(case_id, result, problem, seconds):
-        if result is None:
+        if result is not None:
+            problem = _invalid_outcome(result)
+        if problem is not None:
             on_result(case_id, Outcome(FAIL, problem), seconds)
         else:
             on_result(case_id, Outcome(result["status"], result["message"]), result["seconds"])
 
-    run_items(_gate_worker, (spec, device, threads), case_ids, timeout, received)
+    run_items("gate", (spec, device, threads), case_ids, timeout, received)
+
+
+# The longest failure message kept from a worker (a diagnosis, not a dump).
+MAX_MESSAGE_CHARS = 20_000
+
+
+def _invalid_outcome(result: dict) -> str | None:
+    """Why a worker's outcome cannot be used (None when it can); a valid message is cut to
+    MAX_MESSAGE_CHARS in place."""
+    if set(result) != {"status", "message", "seconds"}:
+        return f"the worker sent an invalid outcome (keys {sorted(result)!r:.200})"
+    if result["status"] not in (PASS, FAIL, UNSUPPORTED):
+        return f"the worker sent an invalid outcome (status {result['status']!r:.80})"
+    if not isinstance(result["message"], str):
+        return "the worker sent an invalid outcome (message is not a string)"
+    if result["status"] == PASS and result["message"]:
+        return "the worker sent an invalid outcome (a pass with a failure message)"
+    seconds = result["seconds"]
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not seconds >= 0:
+        return f"the worker sent an invalid outcome (seconds {seconds!r:.40})"
+    if len(result["message"]) > MAX_MESSAGE_CHARS:
+        result["message"] = result["message"][:MAX_MESSAGE_CHARS] + "\n[... cut]"
+    return None
 
 
 def run_gate(
@@ -232,6 +265,8 @@ def run_gate(
                 reasons = impl.not_supported_reasons(case.config(device))
                 if reasons:
                     record(impl, device, case.id, Outcome(UNSUPPORTED, "; ".join(reasons)), 0.0)
+                elif impl.load_error:
+                    record(impl, device, case.id, Outcome(FAIL, impl.load_error), 0.0)
                 else:
                     runnable.append(case.id)
             if runnable:
@@ -249,15 +284,38 @@ def run_gate(
 
     # compiled implementations pay compilation up front: start the biggest work first.
     work.sort(key=lambda item: -len(item[3]))
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(execute, work))
+    isolation.begin()
+    interrupted = False
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        futures = [pool.submit(execute, item) for item in work]
+        for future in futures:
+            future.result()
+    except (KeyboardInterrupt, isolation.Interrupted):
+        # Ctrl-C or SIGTERM: kill every worker now (the threads waiting on them return within
+        # a poll), keep what finished.
+        interrupted = True
+        isolation.interrupt()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
     case_order = {c.id: i for i, c in enumerate(cases)}
     impl_order = {impl.name: i for i, impl in enumerate(impls)}
-    return sorted(
+    ordered = sorted(
         results.values(),
         key=lambda r: (impl_order[r.implementation], devices.index(r.device), case_order[r.case]),
     )
+    if interrupted:
+        raise Interrupted(ordered)
+    return ordered
+
+
+class Interrupted(Exception):
+    """The gate was interrupted (Ctrl-C, SIGTERM); ``results``: the cases that finished."""
+
+    def __init__(self, results: list[Result]):
+        super().__init__(f"interrupted after {len(results)} results")
+        self.results = results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,9 +333,18 @@ def _counts(results: Iterable[Result]) -> dict[str, int]:
     return counts
 
 
-def to_json(results: Iterable[Result], env: dict, waivers: Sequence[Waiver] = ()) -> str:
+def to_json(
+    results: Iterable[Result],
+    env: dict,
+    waivers: Sequence[Waiver] = (),
+    *,
+    interrupted: bool = False,
+    run_id: str | None = None,
+) -> str:
     """Every result (with its category, and the waiver that waived it); per implementation@device
-    the verdict counts, overall and by category; the run's waivers."""
+    the verdict counts, overall and by category; the run's waivers. ``ok`` is true only when
+    the run finished, something was verified and nothing unexpected failed; ``run_id`` ties it
+    to the benchmark results written into the same directory by the same run."""
     results = list(results)
     groups: dict[str, list[Result]] = {}
     for r in results:
@@ -289,8 +356,11 @@ def to_json(results: Iterable[Result], env: dict, waivers: Sequence[Waiver] = ()
     return json.dumps(
         {
             "schema": VERIFY_SCHEMA,
+            **({"run_id": run_id} if run_id else {}),
             "environment": env,
-            "ok": all(r.ok for r in results),
+            "ok": passed(results) and not interrupted,
+            "interrupted": interrupted,
+            "verified": sum(r.verdict != Verdict.NOT_SUPPORTED for r in results),
             "waivers": [dataclasses.asdict(w) for w in waivers],
             "summary": {key: _counts(group) for key, group in groups.items()},
             "summary_by_category": by_category,

@@ -11,7 +11,13 @@ from pathlib import Path
 from bnbench import gate
 from bnbench.cases import all_cases
 from bnbench.registry import Implementation
-from bnbench.results import environment, write_atomic
+from bnbench.results import (
+    clear_run_files,
+    environment,
+    new_run_id,
+    output_lock,
+    write_all_atomic,
+)
 
 
 class Listener:
@@ -39,7 +45,7 @@ class RunOutcome:
     @property
     def ok(self) -> bool:
         """Every gate result as expected (what ``bnbench run``'s exit code says)."""
-        return all(r.ok for r in self.results)
+        return gate.passed(self.results)
 
 
 def run(
@@ -60,20 +66,38 @@ def run(
 
     say = listener or Listener()
     output = Path(output)
-    say.stage(1, 4, f"verify -> {output}/verify.json")
-    start = time.perf_counter()
-    results = gate.run_gate(impls, specs, devices, all_cases())
-    say.verified(results, time.perf_counter() - start)
-    output.mkdir(parents=True, exist_ok=True)
-    write_atomic(output / "verify.json", gate.to_json(results, environment()))
-    write_atomic(output / "verify.xml", gate.to_junit(results))
-    sweep = bench.SWEEPS[sweep_name]
-    say.stage(2, 4, f"bench ({sweep.name} sweep) -> {output}/results.csv")
-    bench.run_sweep(impls, specs, devices, sweep, output)
-    say.benchmarked(output)
-    say.stage(3, 4, "BatchNorm against no BatchNorm on digits")
-    for text in write_study(output, SMOKE_STUDY if sweep_name == "smoke" else QUICK_STUDY):
-        say.line(text)
-    say.stage(4, 4, "report")
-    report = write_report([str(output)], output, baseline=baseline)
+    with output_lock(output):
+        clear_run_files(output)
+        run_id = new_run_id()
+        say.stage(1, 4, f"verify -> {output}/verify.json")
+        start = time.perf_counter()
+        try:
+            results = gate.run_gate(impls, specs, devices, all_cases())
+        except gate.Interrupted as stopped:
+            _write_verify(output, stopped.results, run_id, interrupted=True)
+            raise
+        say.verified(results, time.perf_counter() - start)
+        _write_verify(output, results, run_id)
+        sweep = bench.SWEEPS[sweep_name]
+        say.stage(2, 4, f"bench ({sweep.name} sweep) -> {output}/results.csv")
+        bench.run_sweep(impls, specs, devices, sweep, output, run_id=run_id)
+        say.benchmarked(output)
+        say.stage(3, 4, "BatchNorm against no BatchNorm on digits")
+        for text in write_study(output, SMOKE_STUDY if sweep_name == "smoke" else QUICK_STUDY):
+            say.line(text)
+        say.stage(4, 4, "report")
+        report = write_report([str(output)], output, baseline=baseline)
     return RunOutcome(output, report, results)
+
+
+def _write_verify(
+    output: Path, results: list[gate.Result], run_id: str, interrupted: bool = False
+) -> None:
+    write_all_atomic(
+        {
+            output / "verify.json": gate.to_json(
+                results, environment(), interrupted=interrupted, run_id=run_id
+            ),
+            output / "verify.xml": gate.to_junit(results),
+        }
+    )

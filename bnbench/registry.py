@@ -121,6 +121,9 @@ class Implementation:
     state: Callable[[nn.Module], dict[str, torch.Tensor | None]] = _default_state
     # Any further limit: a reason string when the configuration is not supported.
     extra_unsupported: Callable[[Config], str | None] | None = None
+    # Set on the parent's stand-in for an implementation that could not be loaded (its import
+    # exited, crashed or hung in the probe): every case it would run fails with this reason.
+    load_error: str = ""
 
     def __post_init__(self):
         ids = _case_ids()
@@ -197,6 +200,48 @@ class Implementation:
 
     def with_name(self, name: str) -> Implementation:
         return dataclasses.replace(self, name=name)
+
+    def declarations(self) -> dict[str, Any]:
+        """What it declares, as JSON-able data (what a probe reports back to the parent)."""
+        data: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("factory", "state", "extra_unsupported"):
+                continue
+            if f.name == "supports_dtypes":
+                value = sorted(_dtype_name(d) for d in value)
+            elif isinstance(value, frozenset):
+                value = sorted(value)
+            elif f.name == "deviations":
+                value = dict(value)
+            data[f.name] = value
+        return data
+
+    @classmethod
+    def from_declarations(cls, data: Mapping[str, Any]) -> Implementation:
+        """The parent's stand-in built from :meth:`declarations`: it answers what is supported
+        (a limit only the implementation's own ``extra_unsupported`` knows is applied in the
+        worker) and what deviates, and cannot build a module (its factory raises)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in fields or key in ("factory", "state", "extra_unsupported"):
+                raise UsageError(f"implementation declarations: unexpected field {key!r}")
+            if key == "supports_dtypes":
+                value = frozenset(getattr(torch, str(name)) for name in value)
+                if not all(isinstance(d, torch.dtype) for d in value):
+                    raise UsageError("implementation declarations: supports_dtypes")
+            elif key.startswith("supports_") and isinstance(value, list):
+                value = frozenset(value)
+            kwargs[key] = value
+        return cls(factory=_runs_in_a_worker, **kwargs)
+
+
+def _runs_in_a_worker(*args, **kwargs) -> nn.Module:
+    raise RuntimeError(
+        "this implementation was loaded in a probe process: its modules are built only in "
+        "bnbench's worker processes"
+    )
 
 
 def from_classes(
@@ -301,3 +346,91 @@ def resolve(specs: list[str] | None = None) -> list[Implementation]:
                 f"unknown implementation {spec!r} (registered: {known}; or give MODULE:ATTR)"
             )
     return chosen
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    found: dict[str, importlib.metadata.EntryPoint] = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, ep)
+    return found
+
+
+def _is_own(ep: importlib.metadata.EntryPoint) -> bool:
+    """A built-in: registered by bnbench itself, safe to import in the parent."""
+    return ep.value.split(":")[0].split(".")[0] == "bnbench"
+
+
+def resolve_isolated(
+    specs: list[str] | None = None, timeout: float = 120.0
+) -> list[Implementation]:
+    """As :func:`resolve`, but code that is not bnbench's own (``MODULE:ATTR`` and third-party
+    entry points) is imported first in a probe process, under ``timeout``, which reports its
+    declarations back as JSON: a module that exits, crashes or hangs while being imported cannot
+    end or block the caller. Such an implementation comes back as a stand-in whose
+    ``load_error`` says what happened (its every case fails); an import that raises, a missing
+    attribute or an object of the wrong kind is a UsageError, as with :func:`resolve`."""
+    eps = _entry_points()
+    specs = list(specs) if specs else list(eps)
+    chosen: dict[str, Implementation] = {}
+    probed = []
+    for spec in specs:
+        if spec in eps and _is_own(eps[spec]):
+            chosen[spec] = _coerce(spec, eps[spec].load(), f"entry point {spec!r}")
+        elif spec in eps or ":" in spec:
+            probed.append(spec)
+        else:
+            known = ", ".join(sorted(eps)) or "none"
+            raise UsageError(
+                f"unknown implementation {spec!r} (registered: {known}; or give MODULE:ATTR)"
+            )
+    if probed:
+        chosen.update(_probe(probed, timeout))
+    return [chosen[spec] for spec in specs]
+
+
+def _probe(specs: list[str], timeout: float) -> dict[str, Implementation]:
+    from bnbench.isolation import run_items
+
+    found: dict[str, Implementation] = {}
+    usage: list[str] = []
+
+    def received(spec: str, result: dict | None, problem: str | None, seconds: float) -> None:
+        if result is not None:
+            if set(result) == {"usage"} and isinstance(result["usage"], str):
+                usage.append(result["usage"][:2000])
+                return
+            if set(result) == {"declarations"} and isinstance(result["declarations"], dict):
+                try:
+                    impl = Implementation.from_declarations(result["declarations"])
+                    if impl.name == spec:
+                        found[spec] = impl
+                        return
+                    problem = f"the probe reported a different name ({impl.name!r:.80})"
+                except (UsageError, TypeError, AttributeError, ValueError) as exc:
+                    problem = f"the probe sent unusable declarations ({exc})"
+            else:
+                problem = f"the probe sent an invalid answer (keys {sorted(result)!r:.200})"
+        found[spec] = Implementation(
+            name=spec,
+            factory=_runs_in_a_worker,
+            description="could not be loaded",
+            load_error=f"could not be loaded (imported first in a probe process): {problem}",
+        )
+
+    run_items("probe", (), specs, timeout, received)
+    if usage:
+        raise UsageError("\n".join(usage))
+    return found
+
+
+def probe_worker(*, items: list[str], channel) -> None:
+    """The probe (bnbench.isolation's "probe" job): resolve each spec, send its declarations."""
+    for spec in items:
+        channel.start(spec)
+        try:
+            result: dict[str, Any] = {"declarations": resolve([spec])[0].declarations()}
+        except UsageError as exc:
+            result = {"usage": str(exc)}
+        except Exception as exc:  # a third-party entry point's import may fail in any way
+            result = {"usage": f"implementation {spec!r}: {type(exc).__name__}: {exc}"}
+        channel.done(spec, result)

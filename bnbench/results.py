@@ -8,7 +8,9 @@ writer every output file goes through.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import io
 import math
 import os
@@ -16,6 +18,8 @@ import platform
 import re
 import socket
 import subprocess
+import tempfile
+import uuid
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -194,15 +198,86 @@ def _fmt(value):
 
 
 def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
-    """Write ``content`` so that a reader never sees a half-written file."""
+    """Write ``content`` so that a reader never sees a half-written file, and a crash right
+    after leaves the new content or the old, never an empty file: a temporary file is written,
+    fsynced, renamed into place, and the directory fsynced."""
+    write_all_atomic({path: content})
+
+
+def write_all_atomic(files: dict[str | os.PathLike, str | bytes]) -> None:
+    """Write several files as one step: every temporary file is written and fsynced first, and
+    only then are they renamed into place, so that a failure to write one (a full disk, a
+    permission) leaves none of them changed."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, content in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            data = content.encode("utf-8") if isinstance(content, str) else content
+            with open(tmp, "wb") as f:
+                staged.append((tmp, path))
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for directory in dict.fromkeys(path.parent for _, path in staged):
+        _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - a platform that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse a directory fsync
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_writable_file(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be written as an output file (None when it can): its directory
+    must exist or be creatable and accept a new file, and the path must not be a directory.
+    Nothing is left behind by the check."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if isinstance(content, bytes):
-        tmp.write_bytes(content)
-    else:
-        tmp.write_text(content, encoding="utf-8")
-    os.replace(tmp, path)
+    if path.is_dir():
+        return f"{path}: is a directory"
+    problem = check_writable_directory(path.parent if str(path.parent) else Path("."))
+    if problem:
+        return f"{path} (its directory {problem})"
+    if path.exists() and not os.access(path, os.W_OK):
+        return f"{path}: not writable"
+    return None
+
+
+def check_writable_directory(directory: str | os.PathLike) -> str | None:
+    """Why no file can be written in ``directory`` (None when one can): it is created if
+    missing (what an output directory will be anyway), then a probe file is made and
+    removed."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return f"{directory}: exists and is not a directory"
+    except OSError as exc:
+        return f"{directory}: cannot create the directory ({exc.strerror or exc})"
+    if not directory.is_dir():
+        return f"{directory}: is not a directory"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".bnbench-probe-", dir=directory)
+    except OSError as exc:
+        return f"{directory}: cannot write there ({exc.strerror or exc})"
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 def environment() -> dict:
@@ -244,3 +319,87 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------------------------------------
+# Output directories: one writer at a time, and no file left over from an earlier run.
+
+# What bnbench writes into an output directory (bench, run, study, report): a new run removes
+# these first, so that no earlier run's file is read as part of the new one.
+RUN_FILES = (
+    "results.csv",
+    "samples.csv",
+    "environment.json",
+    "verify.json",
+    "verify.xml",
+    "study.csv",
+    "study.json",
+    "claim.csv",
+    "claim.json",
+    "report.md",
+    "report.html",
+    # the report's full tables
+    "fastest.csv",
+    "speedup.csv",
+    "failed-verification.csv",
+    "correctness.csv",
+    "not-measured.csv",
+)
+LOCK_NAME = ".bnbench.lock"
+
+
+class OutputInUse(Exception):
+    """Another bnbench process is writing to the output directory."""
+
+
+_HELD: dict[Path, list] = {}
+
+
+@contextlib.contextmanager
+def output_lock(directory: str | os.PathLike):
+    """Hold ``directory`` for this process (an OS lock on DIRECTORY/.bnbench.lock, released
+    when the process ends, however it ends): a second bnbench run writing there is refused
+    with OutputInUse instead of interleaving its rows with this one's. Re-entrant within a
+    process (``bnbench run`` holds it across its bench)."""
+    from filelock import FileLock, Timeout
+
+    directory = Path(directory).resolve()
+    if directory in _HELD:
+        _HELD[directory][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[directory][1] -= 1
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(directory / LOCK_NAME), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputInUse(
+            f"{directory}: another bnbench run is writing there (it holds "
+            f"{directory / LOCK_NAME}); wait for it or choose another --output"
+        ) from None
+    _HELD[directory] = [lock, 1]
+    try:
+        yield
+    finally:
+        del _HELD[directory]
+        lock.release()
+
+
+def clear_run_files(directory: str | os.PathLike) -> None:
+    """Remove what an earlier run left in ``directory`` (RUN_FILES only; nothing else)."""
+    for name in RUN_FILES:
+        (Path(directory) / name).unlink(missing_ok=True)
+
+
+def new_run_id() -> str:
+    """Ties the files of one run together (environment.json, verify.json): a reader shows a
+    verify.json only next to the results of the run that wrote it."""
+    return uuid.uuid4().hex
+
+
+def file_digest(content: str | bytes) -> str:
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    return hashlib.sha256(data).hexdigest()

@@ -85,12 +85,14 @@ def make_results(
                         {
                             "implementation": "builtin",
                             "device": "cpu",
+                            "case": "default-rank4",
                             "check": "default",
                             "verdict": "pass",
                         },
                         {
                             "implementation": "d2l",
                             "device": "cpu",
+                            "case": "default-rank4",
                             "check": "default",
                             "verdict": "deviation",
                         },

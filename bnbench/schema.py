@@ -1,0 +1,72 @@
+"""Schemas of what crosses a trust boundary into the parent: a benchmark worker's row result.
+
+Workers run implementations bnbench does not trust; their results arrive as JSON and are
+validated here (pydantic) before any number is used: a median of zero, NaN or a string would
+divide by zero or poison every summary built on it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bnbench.results import MEASURED, Status, Verdict
+
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=0, strict=True)]
+
+# No sweep takes more samples than this in one row (a budget of seconds, samples of at least
+# a microsecond's work each): more is a worker inventing data.
+MAX_SAMPLES = 1_000_000
+
+
+class BenchResult(BaseModel):
+    """What a benchmark worker sends for one row (bnbench.bench.bench_row plus ``verified``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Status
+    verified: Verdict
+    message: Annotated[str, Field(max_length=20_000)] = ""
+    median_s: Seconds | None = None
+    p20_s: Seconds | None = None
+    p80_s: Seconds | None = None
+    iqr_s: NonNegative | None = None
+    repetitions: Annotated[int, Field(ge=1, strict=True)] | None = None
+    calls_per_repetition: Annotated[int, Field(ge=1, strict=True)] | None = None
+    samples: Annotated[list[Seconds], Field(max_length=MAX_SAMPLES)] = []
+    peak_memory_bytes: Count | None = None
+    memory_method: Annotated[str, Field(max_length=200)] | None = None
+    first_call_s: NonNegative | None = None
+    compile_s: NonNegative | None = None
+    graphs_compiled: Count | None = None
+    recompiled_while_timing: bool | None = None
+
+    @model_validator(mode="after")
+    def _measured_rows_have_times(self) -> BenchResult:
+        if self.status in MEASURED:
+            missing = [
+                name
+                for name in ("median_s", "p20_s", "p80_s", "repetitions")
+                if getattr(self, name) is None
+            ]
+            if missing:
+                raise ValueError(f"a measured row without {', '.join(missing)}")
+            assert self.p20_s is not None and self.p80_s is not None
+            if not self.p20_s <= self.median_s <= self.p80_s:  # type: ignore[operator]
+                raise ValueError("median_s is not between p20_s and p80_s")
+        return self
+
+
+def describe(error: ValidationError, limit: int = 3) -> str:
+    """A validation error in one line: the field and what is wrong with it."""
+    parts = []
+    for item in error.errors()[:limit]:
+        where = ".".join(str(p) for p in item["loc"]) or "result"
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r:.60})"
+        parts.append(f"{where}: {item['msg']}{shown}")
+    more = len(error.errors()) - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
