@@ -15,6 +15,18 @@ import torch
 from torch import nn
 
 from bnbench.cases import Case
+from bnbench.diagnose import (
+    CONSTRUCTOR_DEFAULTS,
+    HINT_PREFIX,
+    StepState,
+    constructor_gaps,
+    is_default_argument,
+    missing_arguments_message,
+    output_hint,
+    statistic_hint,
+    step_state,
+    with_hint,
+)
 from bnbench.reference import ReferenceBatchNorm
 from bnbench.registry import RANK_TO_BUILTIN, Implementation, _default_state
 from bnbench.results import Verdict
@@ -142,7 +154,10 @@ def _memory_format(case: Case, ndim: int):
     return torch.channels_last if ndim == 4 else torch.channels_last_3d
 
 
-def _check_state(impl, case, module, ref, problems):
+def _check_state(impl, case, module, ref, problems, before: StepState | None = None):
+    """The running statistics and the batch counter after a call, against the oracle's.
+    ``before``: the oracle's state before the call, to name a known slip where a statistic
+    differs (bnbench.diagnose)."""
     state = impl.state(module)
     raw = impl.state is _default_state
     for name in ("running_mean", "running_var"):
@@ -158,11 +173,13 @@ def _check_state(impl, case, module, ref, problems):
                 problems.append(f"{name}: dtype {actual.dtype}, expected {case.module_dtype}")
             if not raw and actual.numel() == expected.numel():
                 actual = actual.reshape(expected.shape)
-        problem = compare_tensors(
-            name, actual, expected, working_dtype(case.dtype, case.module_dtype), statistics=True
-        )
+        dtype = working_dtype(case.dtype, case.module_dtype)
+        problem = compare_tensors(name, actual, expected, dtype, statistics=True)
         if problem:
-            problems.append(problem)
+            hint = None if before is None else statistic_hint(before, name, actual, expected, dtype)
+            if hint and any(p.endswith(f"\n{HINT_PREFIX}{hint}") for p in problems):
+                hint = None  # running_mean said it already
+            problems.append(with_hint(problem, hint))
     actual_nbt, expected_nbt = state["num_batches_tracked"], ref.num_batches_tracked
     if expected_nbt is None:
         if actual_nbt is not None:
@@ -332,6 +349,14 @@ def run_steps(impl: Implementation, case: Case, device: str) -> list[str]:
     return []
 
 
+def _built_with(case: Case) -> dict:
+    """The eps and momentum ``case``'s module was constructed with (nn.BatchNorm's defaults
+    when it was built from num_features alone)."""
+    if case.explicit_kwargs:
+        return {"eps": case.eps, "momentum": case.momentum}
+    return {"eps": CONSTRUCTOR_DEFAULTS["eps"], "momentum": CONSTRUCTOR_DEFAULTS["momentum"]}
+
+
 def check_step(
     impl, case, module, ref, held, i: int, step: str, x: torch.Tensor, grad_out=None
 ) -> list[str]:
@@ -367,6 +392,8 @@ def check_step(
         p.requires_grad_(backward and params_require_grad)
     if params_require_grad:
         ref_inputs += ref_params
+    # what the oracle knew before the call: candidate explanations of a failure start there
+    before = step_state(ref, x64, training, built=_built_with(case), module=module)
     with torch.set_grad_enabled(backward):
         y_ref, used = ref.forward(x64, training)
 
@@ -390,7 +417,8 @@ def check_step(
     condition = _conditioning(x64, ref, training, running_var_before)
     problem = compare_tensors("output", y, y_ref, case.dtype, condition=condition)
     if problem:
-        problems.append(problem)
+        hint = output_hint(before, y, y_ref, case.dtype, condition)
+        problems.append(with_hint(problem, hint))
 
     if backward and y.requires_grad:
         if grad_out is None:
@@ -460,7 +488,7 @@ def check_step(
 
     if not torch.equal(x, x_before):
         problems.append("input: modified in place by the implementation")
-    _check_state(impl, case, module, ref, problems)
+    _check_state(impl, case, module, ref, problems, before)
     for name, tensor, saved in held:
         current = getattr(module, name, None)
         if not isinstance(current, torch.Tensor):
@@ -857,7 +885,9 @@ def run_module_dtype(impl: Implementation, case: Case, device: str) -> list[str]
     outcome = _outcome(
         lambda: impl.factory(case.rank, case.num_features, device="meta", **case.module_kwargs())
     )
-    if outcome[0] == "raised":
+    if outcome[0] == "raised" and isinstance(outcome[1], CheckFailed):
+        problems.append(f"device='meta': {outcome[1]}")
+    elif outcome[0] == "raised":
         problems.append(f"device='meta': construction raised {_describe(outcome[1])}")
     else:
         problems += _same_tensors(twin, outcome[1], "device='meta'")
@@ -981,11 +1011,46 @@ def _where(exc: BaseException) -> str:
     return f" [{last.filename}:{last.lineno}]"
 
 
+def tolerant_constructor(impl: Implementation) -> Implementation:
+    """``impl`` with a factory that copes with a constructor lacking some of nn.BatchNorm's
+    arguments (a hand-written class without ``device``/``dtype``, or without torch 2.13's
+    keyword-only ``bias``).
+
+    The choice: such a class is still checked wherever it can be, not failed wholesale. When the
+    factory raises TypeError, which of nn.BatchNorm's arguments it does not take is found once
+    (bnbench.diagnose.constructor_gaps); those asked for at their default (device cpu, dtype
+    float32, an eps of 1e-5...) are left out and the module is built without them, so every
+    CPU float32 case runs as for any implementation. A case that needs another value (a float64
+    or float16 module, device 'meta' or 'cuda', bias=False) fails, with the TypeError (the same
+    line in every such case, so the report groups them as one cause), what the case needs and
+    the signature to give the class: not taking nn.BatchNorm's constructor is a departure from
+    it, so those cases fail rather than count as not supported. A factory that takes every
+    argument it is given is called exactly as before."""
+    factory = impl.factory
+
+    def build(rank: int, num_features: int, *args, **kwargs) -> nn.Module:
+        try:
+            return factory(rank, num_features, *args, **kwargs)
+        except TypeError as exc:
+            gaps = constructor_gaps(factory, rank)
+            left_out = [k for k in kwargs if gaps is not None and k in gaps.missing]
+            if gaps is None or not left_out:
+                raise
+            needed = {k: kwargs[k] for k in left_out if not is_default_argument(k, kwargs[k])}
+            if needed:
+                raise CheckFailed(missing_arguments_message(gaps, needed, exc)) from exc
+            kept = {k: v for k, v in kwargs.items() if k not in left_out}
+            return factory(rank, num_features, *args, **kept)
+
+    return dataclasses.replace(impl, factory=build)
+
+
 def run_case(impl: Implementation, case: Case, device: str) -> Outcome:
     """Run ``case`` on ``impl``: a misbehaving implementation gives a failure, never raises."""
     reasons = impl.not_supported_reasons(case.config(device))
     if reasons:
         return Outcome(UNSUPPORTED, "; ".join(reasons))
+    impl = tolerant_constructor(impl)
     try:
         problems = RUNNERS[case.kind](impl, case, device)
     except CheckFailed as exc:

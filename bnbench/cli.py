@@ -5,7 +5,6 @@ Exit codes: 0 when nothing unexpected failed, 1 when something did, 2 on usage e
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import signal
 import sys
@@ -15,10 +14,17 @@ import click
 import torch
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-from bnbench import gate
+from bnbench import api, gate
 from bnbench.cases import CATEGORIES, all_cases
 from bnbench.registry import UsageError, entry_point_implementations, resolve_isolated
 from bnbench.results import (
@@ -28,7 +34,6 @@ from bnbench.results import (
     Verdict,
     check_writable_directory,
     check_writable_file,
-    environment,
     write_all_atomic,
 )
 
@@ -54,7 +59,8 @@ def _cell(results: list[gate.Result]) -> tuple[str, str]:
     for verdict in (Verdict.FAIL, Verdict.UNEXPECTED_PASS, Verdict.WAIVED, Verdict.DEVIATION):
         if counts[verdict]:
             label = VERDICT_LABELS[verdict]
-            text = label if counts[verdict] == run else f"{label} {counts[verdict]}/{run}"
+            # how many of the ranks that ran: "FAIL 4/4" and "FAIL 1/4" are different bugs
+            text = label if run == 1 else f"{label} {counts[verdict]}/{run}"
             return text, STYLE[verdict]
     if run == 0:
         return VERDICT_LABELS[Verdict.NOT_SUPPORTED], STYLE[Verdict.NOT_SUPPORTED]
@@ -91,7 +97,9 @@ def print_matrix(console: Console, results: list[gate.Result], verbose: bool) ->
     table = Table(title="bnbench verify: implementation x check", show_lines=False)
     table.add_column("case" if verbose else "check", no_wrap=True)
     for column in columns:
-        table.add_column(column, no_wrap=True)
+        # implementation over @device: headers two lines high, so that the table fits
+        name, _, device = column.rpartition("@")
+        table.add_column(f"{escape(name)}\n@{escape(device)}", no_wrap=True)
     heading = None
     for row in rows:
         if category[row] != heading:
@@ -107,26 +115,32 @@ def print_matrix(console: Console, results: list[gate.Result], verbose: bool) ->
     console.print(table)
     for column in silent:
         reason = next(r.message for r in results if f"{r.implementation}@{r.device}" == column)
-        console.print(f"[dim]{column}: not run ({reason})[/]")
+        console.print(f"{column}: not run ({reason})", style="dim", markup=False)
 
 
 def print_details(console: Console, results: list[gate.Result], verbose: bool) -> None:
-    # One root cause often fails many cases with the same words (an implementation that could
-    # not be loaded fails them all): each message is printed once, with the cases it covers.
-    same: dict[tuple[str, str, str], list[gate.Result]] = {}
-    for r in results:
-        if not r.ok:
-            same.setdefault((r.verdict, f"{r.implementation}@{r.device}", r.message), []).append(r)
-    for (verdict, column, message), group in same.items():
-        first = group[0]
-        if len(group) == 1:
+    # One root cause often fails many cases (a slip in the running variance, a constructor
+    # without device/dtype, an implementation that could not be loaded): one entry per cause,
+    # with the cases it covers and one message in full (-v: every message).
+    from bnbench.diagnose import group_failures
+
+    for group in group_failures(results):
+        column = f"{group.implementation}@{group.device}"
+        if len(group.cases) == 1:
+            first = group.results[0]
             what = f"{first.case} ({first.description})"
         else:
-            names = ", ".join(r.case for r in group[:6]) + (", ..." if len(group) > 6 else "")
-            what = f"{len(group)} cases with the same message ({names})"
-        console.print(f"\n[bold red]{verdict.upper()}[/] {escape(column)} {escape(what)}")
-        for line in message.splitlines():
-            console.print(f"    {line}", markup=False)
+            names = ", ".join(group.cases[:6]) + (", ..." if len(group.cases) > 6 else "")
+            what = f"{len(group.cases)} cases: {group.cause} ({names})"
+        console.print(
+            f"\n[bold red]{str(group.verdict).upper()}[/] {escape(column)} {escape(what)}"
+        )
+        shown = group.results if verbose else group.results[:1]
+        for r in shown:
+            if len(group.cases) > 1:
+                console.print(f"  {r.case}:", markup=False)
+            for line in r.message.splitlines():
+                console.print(f"    {line}", markup=False)
     deviations: dict[tuple[str, str], list[str]] = {}
     for r in results:
         if r.verdict == Verdict.DEVIATION:
@@ -143,6 +157,43 @@ def print_details(console: Console, results: list[gate.Result], verbose: bool) -
                         for line in r.message.splitlines()[1:]:
                             console.print(f"      {r.case}: {line}", markup=False)
     print_waived(console, results, verbose)
+    if verbose:
+        print_not_supported(console, results)
+
+
+def print_constructor_notes(console: Console, impls) -> None:
+    """Said once, before the matrix: an implementation whose constructor lacks nn.BatchNorm's
+    arguments, and the signature it should have."""
+
+    for impl in impls:
+        note = impl.constructor_note or (None if impl.load_error else _safe_note(impl))
+        if note:
+            console.print(f"{impl.name}: {note}", style="yellow", markup=False)
+
+
+def _safe_note(impl) -> str | None:
+    from bnbench.diagnose import constructor_problem
+
+    try:
+        return constructor_problem(impl)
+    except Exception:  # the stand-in of a probed implementation cannot build modules
+        return None
+
+
+def print_not_supported(console: Console, results: list[gate.Result]) -> None:
+    """With -v: why each case that did not run was not supported, once per reason."""
+    reasons: dict[tuple[str, str], list[str]] = {}
+    for r in results:
+        if r.verdict == Verdict.NOT_SUPPORTED:
+            reasons.setdefault((f"{r.implementation}@{r.device}", r.message), []).append(r.case)
+    if not reasons:
+        return
+    console.print("\n[dim]Not supported (not run):[/]")
+    for (column, reason), case_ids in reasons.items():
+        shown = ", ".join(case_ids[:6]) + (", ..." if len(case_ids) > 6 else "")
+        console.print(
+            f"  {column}: {reason} ({len(case_ids)} cases: {shown})", style="dim", markup=False
+        )
 
 
 def print_waived(console: Console, results: list[gate.Result], verbose: bool) -> None:
@@ -176,7 +227,7 @@ def print_summary(
         console.print(f"{name}: {parts}", markup=False)
     n_bad = sum(not r.ok for r in results)
     n_waived = sum(r.verdict == Verdict.WAIVED for r in results)
-    n_run = sum(r.verdict != Verdict.NOT_SUPPORTED for r in results)
+    n_run = sum(r.verdict == Verdict.PASS for r in results)
     if interrupted:
         status = "[bold red]INTERRUPTED[/]"
     elif n_bad or not n_run:
@@ -188,7 +239,8 @@ def print_summary(
         if interrupted
         else ""
         if n_run
-        else " (nothing was verified: every case was not supported)"
+        else " (nothing was verified: no case passed; each was not supported, a declared "
+        "deviation or waived)"
     )
     console.print(
         f"{status}: {n_bad} unexpected result(s) in {len(results)} "
@@ -202,6 +254,10 @@ def print_summary(
 @click.version_option(package_name="bnbench")
 def main():
     """Verify and benchmark BatchNorm implementations against torch.nn.BatchNorm."""
+    from bnbench.isolation import become_subreaper
+
+    # what an implementation starts and detaches comes back to this process, to be killed
+    become_subreaper()
 
 
 def _devices(requested: tuple[str, ...]) -> list[str]:
@@ -228,6 +284,15 @@ def _implementations(specs: tuple[str, ...], timeout: float = 120.0):
     return impls, names
 
 
+def _need(*extras: str) -> None:
+    """Usage error (exit 2) saying which ``pip install`` fixes a missing optional extra."""
+    for extra in extras:
+        problem = api.missing_extra(extra)
+        if problem:
+            command = click.get_current_context().command_path
+            raise click.UsageError(f"{command}: {problem}")
+
+
 def _check_outputs(files=(), directories=()) -> None:
     """Usage error (exit 2) naming the first output that cannot be written, before any work."""
     for path in files:
@@ -249,7 +314,8 @@ class _Signals:
 
     def __enter__(self):
         self._previous = {}
-        for number in (signal.SIGTERM, signal.SIGHUP):
+        # SIGINT too: a shell that starts bnbench in the background may have it ignored
+        for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self._previous[number] = signal.signal(number, self._raise)
         return self
 
@@ -265,6 +331,71 @@ class _Signals:
     @property
     def exit_code(self) -> int:
         return 128 + int(self.number)
+
+
+class _Progress:
+    """Progress you can see: on a terminal a live bar with the count, elapsed time and an ETA;
+    elsewhere (a CI log) a line every LOG_EVERY_S seconds with the same figures."""
+
+    LOG_EVERY_S = 15.0
+
+    def __init__(self, console: Console, label: str):
+        self.console, self.label = console, label
+        self.total: int | None = None
+        self.done = self.timed = 0
+        self.begin = self.last = time.monotonic()
+        self.bar: Progress | None = None
+
+    def __enter__(self) -> _Progress:
+        if self.console.is_terminal:
+            self.bar = Progress(
+                TextColumn(self.label),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("{task.description}"),
+                console=self.console,
+                transient=True,
+            )
+            self.bar.__enter__()
+            self.task = self.bar.add_task("", total=None)
+        return self
+
+    def start(self, total: int) -> None:
+        self.total = total
+        self.begin = self.last = time.monotonic()
+        if self.bar is not None:
+            self.bar.update(self.task, total=total)
+
+    def advance(self, description: str, timed: bool = True) -> None:
+        """One more item; ``timed=False`` for one that took no time (not supported), which
+        must not make the ETA think the rest will be as quick."""
+        self.done += 1
+        self.timed += timed
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, description=escape(description))
+            return
+        now = time.monotonic()
+        if now - self.last >= self.LOG_EVERY_S:
+            self.last = now
+            elapsed = now - self.begin
+            left = (
+                f", about {elapsed / self.timed * (self.total - self.done):.0f} s left"
+                if self.total and self.timed
+                else ""
+            )
+            of = f"/{self.total}" if self.total else ""
+            self.console.print(
+                f"{self.label}: {self.done}{of} in {elapsed:.0f} s{left} ({description})",
+                markup=False,
+                highlight=False,
+            )
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
 
 
 @main.command()
@@ -350,95 +481,55 @@ def verify(
     """Check implementations against nn.BatchNorm semantics; exit 1 on an unexpected result
     or when nothing was verified, 2 on bad usage, 130 on Ctrl-C (143 on SIGTERM), after
     writing what finished."""
-    from bnbench.explore import SECONDS_ENV, SHRINK_SECONDS
-
-    # The spawned workers read it (and a later verify in this process must not inherit it).
-    os.environ.pop(SECONDS_ENV, None)
-    if explore_seconds is not None:
-        os.environ[SECONDS_ENV] = repr(explore_seconds)
-        # the explore cases get the search, shrinking and slack before they count as hung
-        timeout = max(timeout, explore_seconds + SHRINK_SECONDS + 60)
+    if json_path and junit_path and os.path.realpath(json_path) == os.path.realpath(junit_path):
+        raise click.UsageError(f"--json and --junit are the same file: {json_path}")
     _check_outputs(files=(json_path, junit_path))
-    devices = _devices(devices)
-    cases = all_cases()
-    try:
-        # checked against every case, so that a waiver kept in CI survives a --case selection
-        waivers = list(dict.fromkeys(gate.parse_waiver(spec, cases) for spec in ignore_specs))
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
-    if case_patterns:
-        cases = [
-            c
-            for c in cases
-            if any(
-                fnmatch.fnmatchcase(c.id, p) or fnmatch.fnmatchcase(c.check, p)
-                for p in case_patterns
-            )
-        ]
-        if not cases:
-            raise click.UsageError(f"--case {' '.join(case_patterns)}: no case matches")
     console = _console()
-    start = time.perf_counter()
-    interrupted = False
-    with _Signals() as signals:
+    with _Signals() as signals, _Progress(console, "verify") as bar:
         try:
-            impls, specs = _implementations(impl_specs, timeout)
-            with Progress(
-                TextColumn("verify"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("{task.description}"),
-                console=console,
-                transient=True,
-                disable=not console.is_terminal,
-            ) as bar:
-                task = bar.add_task("", total=len(impls) * len(devices) * len(cases))
-
-                def progress(result: gate.Result) -> None:
-                    bar.update(
-                        task, advance=1, description=f"{result.implementation} {result.case}"
-                    )
-
-                results = gate.run_gate(
-                    impls,
-                    specs,
-                    devices,
-                    cases,
-                    timeout=timeout,
-                    jobs=jobs,
-                    progress=progress,
-                    waivers=waivers,
-                )
-        except gate.Interrupted as stopped:
-            results, interrupted = stopped.results, True
+            outcome = api.verify(
+                list(impl_specs) or None,
+                devices=devices,
+                cases=case_patterns,
+                ignore=ignore_specs,
+                timeout=timeout,
+                explore_seconds=explore_seconds,
+                jobs=jobs,
+                started=bar.start,
+                progress=lambda r: bar.advance(
+                    f"{r.implementation} {r.case}", timed=r.verdict != Verdict.NOT_SUPPORTED
+                ),
+            )
+        except UsageError as exc:
+            raise click.UsageError(str(exc)) from exc
         except KeyboardInterrupt:  # before the gate started (loading the implementations)
-            results, interrupted = [], True
-    seconds = time.perf_counter() - start
+            outcome = api.VerifyResult([], 0.0, interrupted=True)
+    results, interrupted = outcome.results, outcome.interrupted
+    print_constructor_notes(console, outcome.implementations)
     print_matrix(console, results, verbose)
     print_details(console, results, verbose)
-    for waiver in gate.unused_waivers(results, waivers):
+    for waiver in gate.unused_waivers(results, outcome.waivers):
         console.print(
             f"[dim]--ignore {escape(waiver.pattern)}: waived nothing in this run (what it "
             "matches passed, was not supported or not run, or an earlier --ignore waived it)[/]"
         )
-    print_summary(console, results, seconds, interrupted=interrupted)
+    print_summary(console, results, outcome.seconds, interrupted=interrupted)
     outputs = {}
     if json_path:
-        outputs[json_path] = gate.to_json(results, environment(), waivers, interrupted=interrupted)
+        outputs[json_path] = outcome.to_json()
     if junit_path:
-        outputs[junit_path] = gate.to_junit(results)
+        outputs[junit_path] = outcome.to_junit()
     write_all_atomic(outputs)  # both or neither
     if interrupted:
         sys.exit(signals.exit_code)
-    sys.exit(0 if gate.passed(results) else 1)
+    sys.exit(0 if outcome.ok else 1)
 
 
 def _print_bench_summary(console: Console, directory, baseline: str = "builtin") -> list[dict]:
     """Per implementation: time relative to the baseline and to the floor; returns the rows."""
     import csv
 
-    from bnbench import bench as engine
+    from bnbench import benchmark as engine
     from bnbench.results import parse_row
 
     with open(directory / "results.csv") as f:
@@ -513,51 +604,35 @@ def bench(impl_specs, devices, sweep_name, output, threads, timeout, no_verify):
     """Time forward/backward over a sweep; write a tidy results table."""
     from pathlib import Path
 
-    from bnbench import bench as engine
+    from bnbench import benchmark as engine
 
     _check_outputs(directories=(output,))
-    devices = _devices(devices)
-    sweep = engine.SWEEPS[sweep_name]
     console = _console()
-    start = time.perf_counter()
-    with _Signals() as signals:
+    sweep = engine.SWEEPS[sweep_name]
+    with _Signals() as signals, _Progress(console, f"bench {sweep.name}") as bar:
         try:
-            impls, specs = _implementations(impl_specs, timeout)
-            total = len(impls) * len(devices) * len(sweep.rows())
-            with Progress(
-                TextColumn(f"bench {sweep.name}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("{task.description}"),
-                console=console,
-                transient=True,
-            ) as bar:
-                task = bar.add_task("", total=total)
-
-                def progress(row):
-                    bar.update(
-                        task,
-                        advance=1,
-                        description=f"{row['implementation']} {row['mode']} {row['shape']} "
-                        f"{row['dtype']}",
-                    )
-
-                engine.run_sweep(
-                    impls,
-                    specs,
-                    devices,
-                    sweep,
-                    Path(output),
-                    threads=threads,
-                    timeout=timeout,
-                    verify=not no_verify,
-                    progress=progress,
-                )
-        except OutputInUse as exc:
+            chosen_devices = api.devices_available(devices)
+            prepared = api.implementations(list(impl_specs) or None, timeout)
+            bar.start(len(prepared[0]) * len(chosen_devices) * len(sweep.rows()))
+            api.bench(
+                devices=chosen_devices,
+                sweep=sweep_name,
+                output=output,
+                threads=threads,
+                timeout=timeout,
+                verify=not no_verify,
+                progress=lambda row: bar.advance(
+                    f"{row['implementation']} {row['mode']} {row['shape']} {row['dtype']}",
+                    timed=row["status"] != Status.NOT_SUPPORTED,
+                ),
+                prepared=prepared,
+            )
+        except (UsageError, OutputInUse) as exc:
             raise click.UsageError(str(exc)) from exc
         except KeyboardInterrupt:
-            console.print(f"interrupted: the finished rows are in {output}/results.csv")
+            console.print(
+                f"interrupted: the finished rows are in {output}/results.csv", markup=False
+            )
             sys.exit(signals.exit_code)
     rows = _print_bench_summary(console, Path(output))
     bad = [r for r in rows if r["status"] not in (Status.OK, Status.NOT_SUPPORTED)]
@@ -569,7 +644,8 @@ def bench(impl_specs, devices, sweep_name, output, threads, timeout, no_verify):
             markup=False,
         )
     console.print(
-        f"{len(rows)} rows in {time.perf_counter() - start:.0f} s: {Path(output) / 'results.csv'}"
+        f"{len(rows)} rows in {time.monotonic() - bar.begin:.0f} s: {Path(output) / 'results.csv'}",
+        markup=False,
     )
 
 
@@ -590,6 +666,7 @@ def bench(impl_specs, devices, sweep_name, output, threads, timeout, no_verify):
 )
 def report(inputs, output, baseline):
     """Write a comparison report from bnbench bench directories and/or pytest-benchmark JSON."""
+    _need("report")
     from bnbench.report import write_report
     from bnbench.runs import ReportInputError
 
@@ -621,6 +698,7 @@ def report(inputs, output, baseline):
 def compare(baseline, new, threshold, per_case):
     """NEW / BASELINE per implementation and case; exit 1 on a regression or on rows measured in
     BASELINE but not in NEW, 2 on bad input."""
+    _need("report")
     from bnbench.regression import LISTED, compare_implementations, printable
     from bnbench.regression import compare as compare_stored
     from bnbench.runs import ReportInputError
@@ -691,13 +769,19 @@ def compare(baseline, new, threshold, per_case):
     regressed = (summary.verdict == "regression").any() or (
         per_case and (cases.verdict == "regression").any()
     )
-    if regressed or len(lost):
+    implausible = int((cases.verdict == "implausible").sum())
+    if regressed or len(lost) or implausible:
         why = ["slower"] if regressed else []
         why += [f"{len(lost)} rows measured in BASELINE are not in NEW"] if len(lost) else []
+        why += (
+            [f"{implausible} cases changed over 1000x (a broken measurement)"]
+            if implausible
+            else []
+        )
         console.print(f"[bold red]REGRESSION[/] ({'; '.join(why)})")
     else:
         console.print("[green]no regression[/]")
-    sys.exit(1 if regressed or len(lost) else 0)
+    sys.exit(1 if regressed or len(lost) or implausible else 0)
 
 
 class _ConsoleListener:
@@ -705,15 +789,33 @@ class _ConsoleListener:
 
     def __init__(self, console: Console, baseline: str):
         self.console, self.baseline = console, baseline
+        self.bar: _Progress | None = None
 
     def stage(self, number: int, total: int, title: str) -> None:
-        self.console.print(f"[bold]{number}/{total}[/] {title}")
+        self.close()
+        self.console.print(f"[bold]{number}/{total}[/] {escape(title)}")
+
+    def counting(self, what: str, total: int) -> None:
+        self.close()
+        self.bar = _Progress(self.console, what).__enter__()
+        self.bar.start(total)
+
+    def advance(self, description: str, timed: bool = True) -> None:
+        if self.bar is not None:
+            self.bar.advance(description, timed)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
 
     def verified(self, results: list[gate.Result], seconds: float) -> None:
+        self.close()
         print_matrix(self.console, results, verbose=False)
         print_summary(self.console, results, seconds)
 
     def benchmarked(self, directory) -> None:
+        self.close()
         _print_bench_summary(self.console, directory, self.baseline)
 
     def line(self, text: str) -> None:
@@ -758,6 +860,7 @@ def run(name, reports_dir, impl_specs, devices, sweep_name, baseline):
     from datetime import datetime
     from pathlib import Path
 
+    _need("report", "models")
     from bnbench import pipeline
 
     devices = _devices(devices)
@@ -765,6 +868,7 @@ def run(name, reports_dir, impl_specs, devices, sweep_name, baseline):
     output = Path(reports_dir) / name
     _check_outputs(directories=(output,))
     console = _console()
+    listener = _ConsoleListener(console, baseline)
     with _Signals() as signals:
         try:
             impls, specs = _implementations(impl_specs)
@@ -775,13 +879,16 @@ def run(name, reports_dir, impl_specs, devices, sweep_name, baseline):
                 output,
                 sweep_name=sweep_name,
                 baseline=baseline,
-                listener=_ConsoleListener(console, baseline),
+                listener=listener,
             )
         except OutputInUse as exc:
             raise click.UsageError(str(exc)) from exc
         except (KeyboardInterrupt, gate.Interrupted):
-            console.print(f"interrupted: what finished is in {output}")
+            listener.close()
+            console.print(f"interrupted: what finished is in {output}", markup=False)
             sys.exit(signals.exit_code)
+        finally:
+            listener.close()
     console.print(f"report: {outcome.report}")
     sys.exit(0 if outcome.ok else 1)
 
@@ -798,6 +905,7 @@ def study(output, smoke):
     """The BatchNorm study: does BatchNorm speed up training on scikit-learn's digits?"""
     from pathlib import Path
 
+    _need("models")
     from bnbench.study import QUICK_STUDY, SMOKE_STUDY, write_study
 
     _check_outputs(directories=(output,))

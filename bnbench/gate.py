@@ -15,6 +15,9 @@ import dataclasses
 import fnmatch
 import json
 import os
+import re
+import signal
+import threading
 import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
@@ -137,9 +140,10 @@ def verdict(impl: Implementation, case: Case, outcome: Outcome) -> tuple[Verdict
 
 
 def passed(results: Sequence[Result]) -> bool:
-    """What the exit code says: nothing unexpected failed, and something was verified (a run
-    where every case was not supported, or none ran, verified nothing: not a pass)."""
-    return all(r.ok for r in results) and any(r.verdict != Verdict.NOT_SUPPORTED for r in results)
+    """What the exit code says: nothing unexpected failed, and something was verified: at
+    least one case passed (a run where every case was not supported, a declared deviation or
+    waived verified nothing: not a pass)."""
+    return all(r.ok for r in results) and any(r.verdict == Verdict.PASS for r in results)
 
 
 def available_devices() -> list[str]:
@@ -209,11 +213,30 @@ def _invalid_outcome(result: dict) -> str | None:
     if result["status"] == PASS and result["message"]:
         return "the worker sent an invalid outcome (a pass with a failure message)"
     seconds = result["seconds"]
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not seconds >= 0:
-        return f"the worker sent an invalid outcome (seconds {seconds!r:.40})"
-    if len(result["message"]) > MAX_MESSAGE_CHARS:
-        result["message"] = result["message"][:MAX_MESSAGE_CHARS] + "\n[... cut]"
+    if (
+        not isinstance(seconds, (int, float))
+        or isinstance(seconds, bool)
+        or not 0 <= seconds <= MAX_CASE_SECONDS
+    ):
+        return f"the worker sent an invalid outcome (seconds {str(seconds)[:40]})"
+    result["message"] = printable(result["message"][:MAX_MESSAGE_CHARS]) + (
+        "\n[... cut]" if len(result["message"]) > MAX_MESSAGE_CHARS else ""
+    )
     return None
+
+
+# No case runs for longer than a day: a worker's larger (or infinite) figure is invented.
+MAX_CASE_SECONDS = 86_400.0
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print and to write as UTF-8 JSON or XML: control characters (a
+    terminal's escape sequences) and lone surrogates shown as escapes; newlines and tabs
+    kept."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def run_gate(
@@ -275,12 +298,20 @@ def run_gate(
     def execute(item):
         impl, spec, device, case_ids = item
         callback = lambda cid, outcome, secs: record(impl, device, cid, outcome, secs)  # noqa
-        if isolate:
-            run_isolated(spec, device, case_ids, timeout, threads, callback)
-        else:
+        try:
+            if isolate:
+                run_isolated(spec, device, case_ids, timeout, threads, callback)
+            else:
+                for cid in case_ids:
+                    start = time.perf_counter()
+                    callback(cid, run_case(impl, by_id[cid], device), time.perf_counter() - start)
+        except isolation.Interrupted:
+            raise
+        except Exception as exc:  # bnbench's own fault: it costs this column, not the run
+            problem = f"bnbench failed running this implementation: {type(exc).__name__}: {exc}"
             for cid in case_ids:
-                start = time.perf_counter()
-                callback(cid, run_case(impl, by_id[cid], device), time.perf_counter() - start)
+                if (impl.name, device, cid) not in results:
+                    callback(cid, Outcome(FAIL, problem), 0.0)
 
     # compiled implementations pay compilation up front: start the biggest work first.
     work.sort(key=lambda item: -len(item[3]))
@@ -293,9 +324,11 @@ def run_gate(
             future.result()
     except (KeyboardInterrupt, isolation.Interrupted):
         # Ctrl-C or SIGTERM: kill every worker now (the threads waiting on them return within
-        # a poll), keep what finished.
+        # a poll), keep what finished; a second signal meanwhile must not lose it.
         interrupted = True
-        isolation.interrupt()
+        with _signals_held():
+            isolation.interrupt()
+            pool.shutdown(wait=True, cancel_futures=True)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -308,6 +341,23 @@ def run_gate(
     if interrupted:
         raise Interrupted(ordered)
     return ordered
+
+
+class _signals_held:
+    """SIGINT, SIGTERM and SIGHUP ignored while an interrupted run tears down (main thread)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __enter__(self):
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                self.previous[number] = signal.signal(number, signal.SIG_IGN)
+
+    def __exit__(self, *exc):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        return False
 
 
 class Interrupted(Exception):
@@ -360,7 +410,7 @@ def to_json(
             "environment": env,
             "ok": passed(results) and not interrupted,
             "interrupted": interrupted,
-            "verified": sum(r.verdict != Verdict.NOT_SUPPORTED for r in results),
+            "verified": sum(r.verdict == Verdict.PASS for r in results),
             "waivers": [dataclasses.asdict(w) for w in waivers],
             "summary": {key: _counts(group) for key, group in groups.items()},
             "summary_by_category": by_category,

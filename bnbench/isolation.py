@@ -1,6 +1,6 @@
 """Run untrusted work item by item in a worker process, surviving hangs, crashes and lies.
 
-The parent starts ``python -m bnbench.isolation`` in a session of its own (so that it is also a
+The parent starts ``python -m bnbench._worker`` in a session of its own (so that it is also a
 process group of its own), hands it the job as JSON on stdin, and reads JSON lines from a
 dedicated pipe: ``{"start": ITEM}`` before each item, ``{"done": ITEM, "result": {...}}`` after
 it, ``{"end": true}`` at the end. Nothing that arrives is executed or unpickled: a line is
@@ -44,7 +44,7 @@ FD_ENV = "BNBENCH_RESULT_FD"
 # The only code a worker runs: a job kind names one of these (module, function) pairs.
 JOBS = {
     "gate": ("bnbench.gate", "gate_worker"),
-    "bench": ("bnbench.bench", "bench_worker"),
+    "bench": ("bnbench.benchmark", "bench_worker"),
     "probe": ("bnbench.registry", "probe_worker"),
 }
 
@@ -71,6 +71,9 @@ class Channel:
         self._current: str | None = None
         os.register_at_fork(after_in_parent=self._forked)
         self._harness = _harness_snapshot()
+        # bound now: an implementation that rebinds the module's functions does not rebind these
+        self._replaced = _replaced
+        self._leftover_children = _leftover_children
 
     def _forked(self) -> None:
         if self._current is not None:
@@ -98,14 +101,14 @@ class Channel:
         problems = []
         if item in self.forked_in:
             problems.append("called os.fork() (a BatchNorm must not start processes)")
-        replaced = _replaced(self._harness)
+        replaced = self._replaced(self._harness)
         if replaced:
             problems.append(
                 f"replaced {', '.join(replaced[:6])}"
                 + (" and more" if len(replaced) > 6 else "")
                 + " (a BatchNorm must not patch the checks, their oracle or torch)"
             )
-        leftovers = _leftover_children()
+        leftovers = self._leftover_children()
         if leftovers:
             problems.append(
                 f"left {len(leftovers)} process(es) running after it returned "
@@ -139,12 +142,13 @@ def _finite(value: Any) -> Any:
 # torch.compile itself wraps torch.manual_seed, and other libraries patch other corners).
 _HARNESS_MODULES = (
     "bnbench.checks",
+    "bnbench.diagnose",
     "bnbench.reference",
     "bnbench.tolerances",
     "bnbench.cases",
     "bnbench.explore",
     "bnbench.gate",
-    "bnbench.bench",
+    "bnbench.benchmark",
     "bnbench.timing",
     "bnbench.registry",
     "bnbench.results",
@@ -192,6 +196,26 @@ def _replaced(snapshot: dict[tuple[str, str], int]) -> list[str]:
     ]
 
 
+def _read_line(fd: int) -> bytes:
+    """The job: the one line the parent writes before it falls silent."""
+    data = b""
+    while b"\n" not in data:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0]
+
+
+def _die_with_parent(lifeline: int) -> None:
+    try:
+        while os.read(lifeline, 1 << 16):
+            pass
+    except OSError:
+        pass
+    os.killpg(0, signal.SIGKILL)
+
+
 def _leftover_children() -> list[int]:
     """Kill this worker's live descendants, other than torch.compile's compile workers;
     returns their pids."""
@@ -211,11 +235,19 @@ def _leftover_children() -> list[int]:
     return killed
 
 
-def _worker_main() -> None:
+def worker_main() -> None:
+    """The worker: read the job (one JSON line on stdin), run it, report on the result pipe."""
     fd = int(os.environ[FD_ENV])
-    job = json.loads(sys.stdin.read())
-    sys.stdin.close()
-    sys.stdin = open(os.devnull)  # noqa: SIM115 - the implementation's stdin is empty
+    lifeline = os.dup(0)
+    job = json.loads(_read_line(lifeline))
+    # stdin stays open while the parent lives: when it dies (even by SIGKILL, which runs no
+    # cleanup) the read ends, and the worker takes its whole process group with it. Read as a
+    # raw descriptor: a daemon thread blocked in a buffered reader aborts the interpreter's exit.
+    threading.Thread(target=_die_with_parent, args=(lifeline,), daemon=True).start()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)  # the implementation's stdin is empty
+    os.close(devnull)
+    sys.stdin = open(os.devnull)  # noqa: SIM115
     module, function = JOBS[job["kind"]]
     target = getattr(importlib.import_module(module), function)
     channel = Channel(fd)
@@ -258,6 +290,8 @@ class _Worker:
     """One worker process, its result pipe and its process group."""
 
     def __init__(self, kind: str, args: tuple, items: list[str]):
+        """Start it (OSError when it cannot be started: nothing is left behind)."""
+        self.started = time.time()
         read_fd, write_fd = os.pipe()
         self.token = uuid.uuid4().hex
         env = dict(
@@ -267,12 +301,15 @@ class _Worker:
         )
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "bnbench.isolation"],
+                [sys.executable, "-m", "bnbench._worker"],
                 stdin=subprocess.PIPE,
                 pass_fds=(write_fd,),
                 env=env,
                 start_new_session=True,
             )
+        except BaseException:
+            os.close(read_fd)
+            raise
         finally:
             os.close(write_fd)
         self.fd = read_fd
@@ -280,13 +317,16 @@ class _Worker:
         self.killed = False
         with _LIVE_LOCK:
             _LIVE.add(self)
-        job = json.dumps({"kind": kind, "args": list(args), "items": items}).encode()
+        job = json.dumps({"kind": kind, "args": list(args), "items": items}).encode() + b"\n"
         try:
             assert self.process.stdin is not None
             self.process.stdin.write(job)
-            self.process.stdin.close()
+            self.process.stdin.flush()  # kept open: the worker's lifeline (see worker_main)
         except (BrokenPipeError, OSError):
             pass  # it died at once: the first read says so
+        except BaseException:
+            self.close()
+            raise
 
     def read(self, deadline: float) -> dict | None:
         """The next message; None when the worker closed the pipe (it ended or died).
@@ -322,8 +362,8 @@ class _Worker:
             raise _Violation(f"a line over {MAX_MESSAGE_BYTES} bytes")
         try:
             message = json.loads(line.decode("utf-8"), parse_constant=_no_constant)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise _Violation(f"not JSON ({exc}): {_preview(line)}") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise _Violation(f"not JSON ({str(exc)[:100]}): {_preview(line)}") from None
         if not isinstance(message, dict):
             raise _Violation(f"not a JSON object: {_preview(line)}")
         return message
@@ -350,12 +390,18 @@ class _Worker:
         self.killed = True
         kill_group(self.process.pid)
         kill_token(self.token)
+        if self.process.stdin is not None:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not refused
             pass
         with _LIVE_LOCK:
             _LIVE.discard(self)
+        kill_orphans(self.started)
 
     def close(self) -> None:
         """Kill it (if not yet) and close the pipe: the owning thread's last word."""
@@ -372,6 +418,58 @@ def _no_constant(name: str) -> Any:
 
 def _preview(data: bytes) -> str:
     return repr(data[:80])
+
+
+_SUBREAPER = False
+
+
+def become_subreaper() -> None:
+    """Linux: make this process the reaper of its orphaned descendants, so that a process an
+    implementation started and detached (a double fork, setsid, a scrubbed environment) is
+    reparented here, where :func:`kill_orphans` finds it, instead of to init. The command line
+    calls it; a library caller (pytest, a notebook) may, knowing that its own orphans created
+    while a worker runs are then killed with the worker's."""
+    global _SUBREAPER
+    if _SUBREAPER or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        _SUBREAPER = libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
+def kill_orphans(since: float) -> None:
+    """SIGKILL (and reap) the orphans reparented to this process (a subreaper, see
+    :func:`become_subreaper`): children that are not a live worker and were created after
+    ``since`` (a worker's start, as time.time()), whose parent was a worker now gone. Repeated
+    until none is found, for orphans forked during the sweep."""
+    if not _SUBREAPER:
+        return
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - a dependency
+        return
+    with _LIVE_LOCK:
+        workers = {w.process.pid for w in _LIVE}
+    for _ in range(5):
+        orphans = []
+        for child in psutil.Process().children():
+            try:
+                if child.pid not in workers and child.create_time() >= since - 1.0:
+                    orphans.append(child)
+            except psutil.Error:
+                continue
+        if not orphans:
+            return
+        for child in orphans:
+            try:
+                child.kill()
+                child.wait(5)
+            except psutil.Error:
+                pass
 
 
 def kill_group(pgid: int) -> None:
@@ -420,7 +518,12 @@ def run_items(
     (hung, crashed, broke the protocol, forked). Raises Interrupted after :func:`interrupt`."""
     remaining = list(items)
     while remaining:
-        worker = _Worker(kind, args, remaining)
+        try:
+            worker = _Worker(kind, args, remaining)
+        except OSError as exc:  # no process could be started (EAGAIN, EMFILE...)
+            for victim in list(remaining):
+                on_result(victim, None, f"crashed: no worker process could be started ({exc})", 0)
+            return
         current: str | None = None
         started = time.perf_counter()
         began_any = False
@@ -437,10 +540,17 @@ def run_items(
                     message = worker.read(time.monotonic() + wait)
                 except TimeoutError:
                     worker.kill()
-                    fail(
-                        [current or remaining[0]],
-                        f"hung: no result within {timeout:g} s (worker killed)",
-                    )
+                    if began_any:
+                        fail(
+                            [current or remaining[0]],
+                            f"hung: no result within {timeout:g} s (worker killed)",
+                        )
+                    else:  # stuck loading the implementation: it would be, once per item
+                        fail(
+                            list(remaining),
+                            f"hung: the worker did not start its first case within "
+                            f"{wait:g} s while loading the implementation (worker killed)",
+                        )
                     break
                 except _Violation as exc:
                     worker.kill()
@@ -526,7 +636,3 @@ def _unexpected(message: dict, current: str | None, remaining: list[str]) -> str
     if keys == {"end"} and current is None:
         return None
     return f"an unknown message with keys {sorted(keys)!r:.120}"
-
-
-if __name__ == "__main__":
-    _worker_main()

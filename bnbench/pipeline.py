@@ -12,6 +12,8 @@ from bnbench import gate
 from bnbench.cases import all_cases
 from bnbench.registry import Implementation
 from bnbench.results import (
+    Status,
+    Verdict,
     clear_run_files,
     environment,
     new_run_id,
@@ -25,6 +27,12 @@ class Listener:
 
     def stage(self, number: int, total: int, title: str) -> None:
         pass
+
+    def counting(self, what: str, total: int) -> None:
+        """A stage with ``total`` items starts (verify: results, bench: rows)."""
+
+    def advance(self, description: str, timed: bool = True) -> None:
+        """One more item of the current stage is done (``timed=False``: it took no time)."""
 
     def verified(self, results: list[gate.Result], seconds: float) -> None:
         pass
@@ -60,7 +68,7 @@ def run(
 ) -> RunOutcome:
     """verify.json/.xml, results.csv (the sweep), study.csv/.json and report.html in
     ``output``."""
-    from bnbench import bench
+    from bnbench import benchmark as bench
     from bnbench.report import write_report
     from bnbench.study import QUICK_STUDY, SMOKE_STUDY, write_study
 
@@ -71,8 +79,18 @@ def run(
         run_id = new_run_id()
         say.stage(1, 4, f"verify -> {output}/verify.json")
         start = time.perf_counter()
+        cases = all_cases()
+        say.counting("verify", len(impls) * len(devices) * len(cases))
         try:
-            results = gate.run_gate(impls, specs, devices, all_cases())
+            results = gate.run_gate(
+                impls,
+                specs,
+                devices,
+                cases,
+                progress=lambda r: say.advance(
+                    f"{r.implementation} {r.case}", r.verdict != Verdict.NOT_SUPPORTED
+                ),
+            )
         except gate.Interrupted as stopped:
             _write_verify(output, stopped.results, run_id, interrupted=True)
             raise
@@ -80,7 +98,19 @@ def run(
         _write_verify(output, results, run_id)
         sweep = bench.SWEEPS[sweep_name]
         say.stage(2, 4, f"bench ({sweep.name} sweep) -> {output}/results.csv")
-        bench.run_sweep(impls, specs, devices, sweep, output, run_id=run_id)
+        say.counting(f"bench {sweep.name}", len(impls) * len(devices) * len(sweep.rows()))
+        bench.run_sweep(
+            impls,
+            specs,
+            devices,
+            sweep,
+            output,
+            run_id=run_id,
+            progress=lambda row: say.advance(
+                f"{row['implementation']} {row['mode']} {row['shape']} {row['dtype']}",
+                row["status"] != Status.NOT_SUPPORTED,
+            ),
+        )
         say.benchmarked(output)
         say.stage(3, 4, "BatchNorm against no BatchNorm on digits")
         for text in write_study(output, SMOKE_STUDY if sweep_name == "smoke" else QUICK_STUDY):

@@ -124,6 +124,9 @@ class Implementation:
     # Set on the parent's stand-in for an implementation that could not be loaded (its import
     # exited, crashed or hung in the probe): every case it would run fails with this reason.
     load_error: str = ""
+    # What a probe found wrong with its constructor (bnbench.diagnose.constructor_problem),
+    # said once before the run: the stand-in cannot build a module to find out itself.
+    constructor_note: str = ""
 
     def __post_init__(self):
         ids = _case_ids()
@@ -224,15 +227,34 @@ class Implementation:
         worker) and what deviates, and cannot build a module (its factory raises)."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
+        sets = {
+            "supports_devices": ALL_DEVICES,
+            "supports_ranks": ALL_RANKS,
+            "supports_memory_formats": ALL_MEMORY_FORMATS,
+            "supports_dtypes": frozenset(_dtype_name(d) for d in ALL_DTYPES),
+        }
         for key, value in data.items():
             if key not in fields or key in ("factory", "state", "extra_unsupported"):
                 raise UsageError(f"implementation declarations: unexpected field {key!r}")
-            if key == "supports_dtypes":
-                value = frozenset(getattr(torch, str(name)) for name in value)
-                if not all(isinstance(d, torch.dtype) for d in value):
-                    raise UsageError("implementation declarations: supports_dtypes")
-            elif key.startswith("supports_") and isinstance(value, list):
+            if key in sets:
+                if not isinstance(value, list) or not all(
+                    isinstance(v, (str, int)) and not isinstance(v, bool) and v in sets[key]
+                    for v in value
+                ):
+                    raise UsageError(f"implementation declarations: {key}: {str(value)[:80]}")
                 value = frozenset(value)
+                if key == "supports_dtypes":
+                    value = frozenset(getattr(torch, name) for name in value)
+            elif key == "deviations":
+                if not isinstance(value, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+                ):
+                    raise UsageError("implementation declarations: deviations")
+            elif key in ("name", "description", "load_error", "constructor_note"):
+                if not isinstance(value, str):
+                    raise UsageError(f"implementation declarations: {key} is not a string")
+            elif not isinstance(value, bool):
+                raise UsageError(f"implementation declarations: {key} is not true or false")
             kwargs[key] = value
         return cls(factory=_runs_in_a_worker, **kwargs)
 
@@ -331,13 +353,15 @@ def load_spec(spec: str) -> Implementation:
 
 def resolve(specs: list[str] | None = None) -> list[Implementation]:
     """Implementations by registered name or MODULE:ATTR; all registered ones when none given."""
-    registered = entry_point_implementations()
     if not specs:
-        return list(registered.values())
+        return list(entry_point_implementations().values())
+    # only the named entry points are imported: another plugin's import cannot cost them
+    registered = _entry_points()
     chosen = []
     for spec in specs:
         if spec in registered:
-            chosen.append(registered[spec])
+            ep = registered[spec]
+            chosen.append(_coerce(spec, ep.load(), f"entry point {spec!r} ({ep.value})"))
         elif ":" in spec:
             chosen.append(load_spec(spec))
         else:
@@ -389,8 +413,9 @@ def resolve_isolated(
 
 
 def _probe(specs: list[str], timeout: float) -> dict[str, Implementation]:
-    from bnbench.isolation import run_items
+    from bnbench.isolation import begin, run_items
 
+    begin()  # a new run: an earlier interruption in this process is over
     found: dict[str, Implementation] = {}
     usage: list[str] = []
 
@@ -428,7 +453,13 @@ def probe_worker(*, items: list[str], channel) -> None:
     for spec in items:
         channel.start(spec)
         try:
-            result: dict[str, Any] = {"declarations": resolve([spec])[0].declarations()}
+            from bnbench.diagnose import constructor_problem
+
+            impl = resolve([spec])[0]
+            note = constructor_problem(impl) or ""
+            result: dict[str, Any] = {
+                "declarations": dict(impl.declarations(), constructor_note=note)
+            }
         except UsageError as exc:
             result = {"usage": str(exc)}
         except Exception as exc:  # a third-party entry point's import may fail in any way

@@ -204,30 +204,34 @@ def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
     write_all_atomic({path: content})
 
 
-def write_all_atomic(files: dict[str | os.PathLike, str | bytes]) -> None:
-    """Write several files as one step: every temporary file is written and fsynced first, and
-    only then are they renamed into place, so that a failure to write one (a full disk, a
-    permission) leaves none of them changed."""
+def write_all_atomic(files: dict[str | os.PathLike, str | bytes], durable: bool = True) -> None:
+    """Write several files as one step: every temporary file is written (and, ``durable``,
+    fsynced) first, and only then are they renamed into place, so that a failure to write one
+    (a full disk, a permission) leaves none of them changed. Temporary files are created
+    exclusively (never through a planted symlink). ``durable=False`` skips the fsyncs, for a
+    set rewritten often (each row of a sweep) and made durable at its end."""
     staged: list[tuple[Path, Path]] = []
     try:
         for path, content in files.items():
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            staged.append((Path(name), path))
             data = content.encode("utf-8") if isinstance(content, str) else content
-            with open(tmp, "wb") as f:
-                staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
         for tmp, path in staged:
             os.replace(tmp, path)
     except BaseException:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
         raise
-    for directory in dict.fromkeys(path.parent for _, path in staged):
-        _fsync_directory(directory)
+    if durable:
+        for directory in dict.fromkeys(path.parent for _, path in staged):
+            _fsync_directory(directory)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -389,9 +393,21 @@ def output_lock(directory: str | os.PathLike):
 
 
 def clear_run_files(directory: str | os.PathLike) -> None:
-    """Remove what an earlier run left in ``directory`` (RUN_FILES only; nothing else)."""
+    """Remove what an earlier bnbench run left in ``directory`` (RUN_FILES only; nothing else),
+    when it is a bnbench output directory (its environment.json or verify.json says so): a
+    results.csv of someone else's in a directory given as --output is left alone."""
+    directory = Path(directory)
+    ours = False
+    for name in ("environment.json", "verify.json"):
+        try:
+            head = (directory / name).open("rb").read(4096) if (directory / name).is_file() else b""
+        except OSError:
+            continue
+        ours = ours or b'"bnbench.' in head
+    if not ours:
+        return
     for name in RUN_FILES:
-        (Path(directory) / name).unlink(missing_ok=True)
+        (directory / name).unlink(missing_ok=True)
 
 
 def new_run_id() -> str:

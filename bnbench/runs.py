@@ -402,11 +402,27 @@ def read_table(
     for column in numbers:
         values = frame[column]
         if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
-            parsed = pd.to_numeric(values.astype(object), errors="coerce")
+            parsed = _to_float(values)
             _fail(table, column, parsed.isna() & values.notna(), values, "is not a number")
             frame[column] = values = parsed.astype("float64")
         _fail(table, column, values.isin([np.inf, -np.inf]), values, "is not finite")
     return table
+
+
+def _to_float(values: pd.Series) -> pd.Series:
+    """``values`` as float64, NaN where a value is not a number; a number too large for a
+    float (a 400-digit integer) becomes inf, which the finiteness checks then name."""
+    try:
+        return pd.to_numeric(values.astype(object), errors="coerce").astype("float64")
+    except (OverflowError, TypeError, ValueError):
+
+        def one(value: object) -> float:
+            try:
+                return float(value)  # type: ignore[arg-type]
+            except (OverflowError, TypeError, ValueError):
+                return float("inf") if isinstance(value, int) else float("nan")
+
+        return values.astype(object).map(one).astype("float64")
 
 
 def _line(data: bytes, offset: int) -> int:
@@ -701,7 +717,8 @@ def load_pytest_benchmark(path: Path) -> Results:
         )
     frame = _with_model_column(pd.DataFrame(rows))
     numbers = [c for c in frame if c in NUMERIC | INTEGER]
-    frame[numbers] = frame[numbers].astype("float64")
+    for column in numbers:
+        frame[column] = _to_float(frame[column])
     for column in ("batch_size", "channels", "rank"):
         frame[column] = frame[column].astype("int64")
     table = _BenchmarkTable(path, frame, origin)

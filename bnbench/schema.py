@@ -9,21 +9,30 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from bnbench.results import MEASURED, Status, Verdict
 
-Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-Count = Annotated[int, Field(ge=0, strict=True)]
+# no timed call takes a day; a larger figure is invented
+Seconds = Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, le=86_400, allow_inf_nan=False)]
+# integers a float64 holds exactly (a table's reader must not overflow on them)
+Count = Annotated[int, Field(ge=0, le=2**53, strict=True)]
 
 # No sweep takes more samples than this in one row (a budget of seconds, samples of at least
 # a microsecond's work each): more is a worker inventing data.
-MAX_SAMPLES = 1_000_000
+MAX_SAMPLES = 100_000
 
 
 class BenchResult(BaseModel):
-    """What a benchmark worker sends for one row (bnbench.bench.bench_row plus ``verified``)."""
+    """What a benchmark worker sends for one row (bnbench.benchmark.bench_row plus ``verified``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -34,8 +43,8 @@ class BenchResult(BaseModel):
     p20_s: Seconds | None = None
     p80_s: Seconds | None = None
     iqr_s: NonNegative | None = None
-    repetitions: Annotated[int, Field(ge=1, strict=True)] | None = None
-    calls_per_repetition: Annotated[int, Field(ge=1, strict=True)] | None = None
+    repetitions: Annotated[int, Field(ge=1, le=MAX_SAMPLES, strict=True)] | None = None
+    calls_per_repetition: Annotated[int, Field(ge=1, le=2**53, strict=True)] | None = None
     samples: Annotated[list[Seconds], Field(max_length=MAX_SAMPLES)] = []
     peak_memory_bytes: Count | None = None
     memory_method: Annotated[str, Field(max_length=200)] | None = None
@@ -43,6 +52,13 @@ class BenchResult(BaseModel):
     compile_s: NonNegative | None = None
     graphs_compiled: Count | None = None
     recompiled_while_timing: bool | None = None
+
+    @field_validator("message", "memory_method")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        from bnbench.gate import printable
+
+        return None if value is None else printable(value)
 
     @model_validator(mode="after")
     def _measured_rows_have_times(self) -> BenchResult:

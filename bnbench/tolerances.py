@@ -67,6 +67,49 @@ def _fmt_index(flat_index: int, shape: torch.Size) -> str:
     return "(" + ", ".join(str(i) for i in reversed(idx)) + ")"
 
 
+def _allowed(
+    expected: torch.Tensor,
+    finite: torch.Tensor,
+    dtype: torch.dtype,
+    statistics: bool,
+    condition: torch.Tensor | None,
+) -> tuple[torch.Tensor, Tolerance, float]:
+    """Per element, how far from ``expected`` (float64, non-finite elements zeroed) a value may
+    be: the table's tolerance for ``dtype``, plus the rounding ``condition`` says a faithful
+    kernel makes. Returns (allowed, the tolerance, the scale atol was multiplied by)."""
+    tol = tolerance_for(dtype, statistics)
+    scale = 1.0 if statistics else max(1.0, float(expected.abs().max()))
+    allowed = tol.atol * scale + tol.rtol * expected.abs()
+    if condition is not None:
+        # faithful kernels compute half inputs in float32: that precision's rounding
+        compute = torch.promote_types(dtype, torch.float32)
+        allowed = allowed + ROUNDING_ALLOWANCE * torch.finfo(compute).eps * torch.where(
+            finite, condition.detach().to("cpu", torch.float64), 0.0
+        )
+    return allowed, tol, scale
+
+
+def outside_tolerance(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    dtype: torch.dtype,
+    statistics: bool = False,
+    condition: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per element (a bool tensor of ``expected``'s shape): where ``actual`` is outside the
+    tolerance :func:`compare_tensors` applies, a non-finite value on one side only included.
+    ``actual`` must have ``expected``'s shape. What bnbench.diagnose asks of a candidate
+    explanation: does it match where the truth did not?"""
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    finite_a, finite_e = torch.isfinite(a), torch.isfinite(e)
+    a = torch.where(finite_e, a, 0.0)
+    e = torch.where(finite_e, e, 0.0)
+    allowed, _, _ = _allowed(e, finite_e, dtype, statistics, condition)
+    inside = finite_a & finite_e & ((a - e).abs() <= allowed)
+    return ~(inside | (~finite_a & ~finite_e))
+
+
 def compare_tensors(
     name: str,
     actual,
@@ -99,19 +142,11 @@ def compare_tensors(
             f"{name}: {count} non-finite mismatch(es), first at {_fmt_index(flat, a.shape)}: "
             f"got {a.flatten()[flat].item():.6g}, expected {e.flatten()[flat].item():.6g}"
         )
-    tol = tolerance_for(dtype, statistics)
     finite = ~bad_e
     a = torch.where(finite, a, 0.0)
     e = torch.where(finite, e, 0.0)
     diff = (a - e).abs()
-    scale = 1.0 if statistics else max(1.0, float(e.abs().max()))
-    allowed = tol.atol * scale + tol.rtol * e.abs()
-    if condition is not None:
-        # faithful kernels compute half inputs in float32: that precision's rounding
-        compute = torch.promote_types(dtype, torch.float32)
-        allowed = allowed + ROUNDING_ALLOWANCE * torch.finfo(compute).eps * torch.where(
-            finite, condition.detach().to("cpu", torch.float64), 0.0
-        )
+    allowed, tol, scale = _allowed(e, finite, dtype, statistics, condition)
     if bool((diff <= allowed).all()):
         return None
     abs_i = int(diff.flatten().argmax())

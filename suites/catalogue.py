@@ -1247,3 +1247,90 @@ CORRECT = [
     VarMeanBatchNorm,
     *STYLES,  # faithful_styles: loop, einsum, Chan, hand-written backward, functional core
 ]
+
+
+# ---- broken, round three: slips the diagnoses name (bnbench.diagnose) -------------------------
+# Statistics over the wrong dimensions, a momentum argument ignored, and a constructor without
+# nn.BatchNorm's device and dtype (checked where their defaults do, failed where they are needed).
+
+
+def _channel_average(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """A per-channel value from statistics kept in another shape (for the running update)."""
+    flat = t.transpose(0, 1).reshape(t.shape[1], -1).mean(1)
+    return flat.expand(channels) if flat.numel() == 1 else flat
+
+
+class _StatisticsOver(PlainBatchNorm):
+    """Normalizes with statistics taken over ``over(x)`` (kept broadcastable); the running
+    statistics get their per-channel average, so only the reduction differs."""
+
+    def over(self, x) -> list[int]:
+        raise NotImplementedError
+
+    def batch_stats(self, x, dims):
+        over = self.over(x)
+        mean = x.mean(over, keepdim=True)
+        return mean, ((x - mean) ** 2).mean(over, keepdim=True)
+
+    def normalize(self, x, mean, var):
+        if mean.dim() != x.dim():  # the running statistics
+            return super().normalize(x, mean, var)
+        return (x - mean) / torch.sqrt(var + self.eps)
+
+    def update(self, mean, var, n, factor):
+        c = self.running_mean.shape[0]
+        super().update(_channel_average(mean, c), _channel_average(var, c), n, factor)
+
+
+@catches("default-rank4", r"step 0 \(train\): output: .* elements outside")
+class StatisticsPerSampleAndChannel(_StatisticsOver):
+    """Each sample's own statistics per channel (over the spatial dims only, as InstanceNorm):
+    the batch dimension is left out of the reduction."""
+
+    def over(self, x):
+        return list(range(2, x.dim())) or [1]
+
+
+@catches("default-rank4", r"step 0 \(train\): output: .* elements outside")
+class StatisticsOverBatchOnly(_StatisticsOver):
+    """Statistics per channel and position, over the batch dimension alone: the spatial
+    dimensions are left out of the reduction."""
+
+    def over(self, x):
+        return [0]
+
+
+@catches("default-rank2", r"step 0 \(train\): output: .* elements outside")
+class StatisticsPerSample(_StatisticsOver):
+    """Each sample's statistics over all its channels (as LayerNorm), not each channel's over
+    the batch."""
+
+    def over(self, x):
+        return list(range(1, x.dim()))
+
+
+@catches("momentum_float-rank4", r"step 0 \(train\): running_mean: .* elements outside")
+class MomentumArgumentIgnored(PlainBatchNorm):
+    """The running update uses nn.BatchNorm's default 0.1 whatever momentum it was given."""
+
+    def momentum_factor(self, training):
+        factor = super().momentum_factor(training)
+        return 0.1 if factor and self.momentum is not None else factor
+
+
+@catches("float64-rank4", r"raised TypeError: .*unexpected keyword argument 'device'")
+class NoDeviceDtypeArguments(PlainBatchNorm):
+    """A hand-written constructor without nn.BatchNorm's device and dtype arguments: it is
+    checked on the CPU at float32 (built without them) and fails the cases that need them."""
+
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        *,
+        bias=True,
+    ):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, bias=bias)

@@ -5,7 +5,7 @@ import csv
 import json
 import textwrap
 
-from bnbench.bench import SMOKE
+from bnbench.benchmark import SMOKE
 from bnbench.results import COLUMNS, parse_row
 
 from helpers import bnbench

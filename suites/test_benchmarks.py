@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bnbench import timing
-from bnbench.bench import QUICK, Row, make_workload
+from bnbench.benchmark import QUICK, Row, make_workload
 from bnbench.registry import resolve
 
 from workloads import twice

@@ -789,3 +789,24 @@ def test_the_scale_benchmark_runs(capsys, monkeypatch):
     figures = bench_scale.main(["--rows", "80", "--samples", "4"])
     assert figures["compare_s"] > 0 and figures["report_s"] > 0
     assert "compare:" in capsys.readouterr().out
+
+
+def test_compare_does_not_let_one_tiny_median_hide_a_slowdown(tmp_path):
+    """A positive but absurd median (1e-300 s) passes the schema; its ratio must not pull the
+    geometric mean down over the 10x slowdown beside it."""
+    rows = base_rows(slowdown=("vectorized", 10.0))
+    tiny = next(i for i, r in enumerate(rows) if r["implementation"] == "vectorized")
+    rows[tiny].update(median_s=1e-300, p20_s=1e-300, p80_s=1e-300)
+    new = write_dir(tmp_path / "new", rows, samples=False)
+    base = write_dir(tmp_path / "base", base_rows(), samples=False)
+    result = in_process("compare", str(base), str(new))
+    assert result.returncode == 1, result.stdout
+    assert "implausible" in result.stdout and "REGRESSION" in result.stdout
+
+
+def test_a_number_too_large_for_a_float_is_named_not_a_traceback(tmp_path):
+    rows = base_rows()
+    rows[2]["bytes"] = "9" * 400
+    broken = write_dir(tmp_path / "broken", rows, samples=False)
+    message = usage_error("report", str(broken), "--output", str(tmp_path / "out"))
+    assert f"{broken / 'results.csv'}: row 3 (line 4), bytes" in message

@@ -106,6 +106,8 @@ def test_a_glob_waiver_runs_the_cases_reports_them_waived_and_exits_0(tmp_path):
     run = verify(
         "--case",
         "default-*",
+        "--case",
+        "wrong_channels-rank2",  # one that passes: a run of waived cases only verified nothing
         "--ignore",
         "default-*=biased running_var: known, issue 12",
         "--json",
@@ -122,17 +124,23 @@ def test_a_glob_waiver_runs_the_cases_reports_them_waived_and_exits_0(tmp_path):
     assert "default-rank4: fail: step 0 (train): running_var" in out
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["ok"] is True
-    assert {(r["category"], r["verdict"]) for r in report["results"]} == {("numerics", "waived")}
+    assert {(r["category"], r["verdict"]) for r in report["results"]} == {
+        ("numerics", "waived"),
+        ("errors", "pass"),
+    }
     first = report["results"][0]
     assert first["waiver"] == {
         "pattern": "default-*",
         "reason": "biased running_var: known, issue 12",
     }
     assert first["message"].startswith("biased running_var: known, issue 12\nfail: step 0")
-    assert report["summary_by_category"][f"{BIASED}@cpu"] == {"numerics": {"waived": 4}}
+    assert report["summary_by_category"][f"{BIASED}@cpu"] == {
+        "numerics": {"waived": 4},
+        "errors": {"pass": 1},
+    }
     suites = ET.parse(tmp_path / "r.xml").getroot()
-    assert [s.get("name") for s in suites] == [f"{BIASED}@cpu: numerics"]
-    cases = suites.findall(".//testcase")
+    assert [s.get("name") for s in suites] == [f"{BIASED}@cpu: numerics", f"{BIASED}@cpu: errors"]
+    cases = suites[0].findall(".//testcase")
     assert len(cases) == 4 and {c.get("classname") for c in cases} == {
         f"bnbench.{BIASED}@cpu.numerics"
     }
@@ -182,3 +190,9 @@ def test_a_bad_ignore_is_a_usage_error_that_says_what_was_wrong(ignore, message)
     run = verify("--case", "default-rank4", "--ignore", ignore)
     assert run.returncode == 2, run.stdout + run.stderr
     assert message in run.stderr and "--ignore" in run.stderr
+
+
+def test_a_run_whose_every_case_was_waived_verified_nothing_and_exits_1():
+    run = verify("--case", "default-*", "--ignore", "default-*=known")
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "nothing was verified" in run.stdout

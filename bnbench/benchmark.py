@@ -468,7 +468,7 @@ def bench_worker(
     device: str,
     threads: int,
     rows_json: str,
-    sweep_name: str,
+    timing_json: str,
     verify: bool,
     *,
     items: list[str],
@@ -476,12 +476,15 @@ def bench_worker(
 ) -> None:
     """The worker's loop (bnbench.isolation's "bench" job): vouch for and time each row."""
     torch.set_num_threads(threads)
-    from bnbench.checks import run_case
+    from bnbench.checks import run_case, tolerant_constructor
     from bnbench.registry import resolve
 
-    impl = resolve([spec])[0]
+    # a class without device/dtype is timed where only their defaults are asked for (CPU
+    # float32), as the gate checks it; rows that need them fail with what to change
+    impl = tolerant_constructor(resolve([spec])[0])
     rows = [Row.from_dict(r) for r in json.loads(rows_json)]
-    sweep = SWEEPS[sweep_name]
+    # the sweep's timing budget (the sweep itself may be one the worker cannot look up)
+    sweep = Sweep("worker", (), **json.loads(timing_json))
     cases = case_by_id()
     verdicts: dict = {}
     for item in items:
@@ -609,7 +612,7 @@ class ResultsWriter:
         ]
         self.flush()
 
-    def flush(self, complete: bool = False) -> None:
+    def flush(self, complete: bool = False, final: bool = False) -> None:
         results = to_csv(self.rows, COLUMNS)
         samples = to_csv(self.samples, SAMPLE_COLUMNS)
         env = dict(
@@ -621,13 +624,15 @@ class ResultsWriter:
                 "samples.csv": {"sha256": file_digest(samples), "rows": len(self.samples)},
             },
         )
-        # environment.json last: its digests describe the tables already in place
+        # environment.json last: its digests describe the tables already in place. fsynced
+        # at the end (and on Ctrl-C), not after every row: a sweep rewrites them row by row.
         write_all_atomic(
             {
                 self.directory / "results.csv": results,
                 self.directory / "samples.csv": samples,
                 self.directory / "environment.json": json.dumps(env, indent=2),
-            }
+            },
+            durable=final,
         )
 
 
@@ -742,14 +747,21 @@ def _run_sweep(impls, specs, devices, sweep, output, threads, timeout, verify, p
                     rows_json = json.dumps([r.to_dict() for r in rows])
                     run_items(
                         "bench",
-                        (spec, device, threads, rows_json, sweep.name, verify),
+                        (
+                            spec,
+                            device,
+                            threads,
+                            rows_json,
+                            json.dumps({"budget_s": sweep.budget_s, "warmup_s": sweep.warmup_s}),
+                            verify,
+                        ),
                         runnable,
                         timeout,
                         received,
                     )
-        writer.flush(complete=True)
+        writer.flush(complete=True, final=True)
     except KeyboardInterrupt:
-        writer.flush(complete=False)
+        writer.flush(complete=False, final=True)
         raise
     return output
 

@@ -1,0 +1,362 @@
+"""The Python API: what ``bnbench verify`` and ``bnbench bench`` do, for a notebook or a script.
+
+::
+
+    import bnbench
+
+    verdict = bnbench.verify("mymodule:MyBatchNorm", cases=["default-*", "momentum*"])
+    verdict.ok                 # what the CLI's exit code says
+    verdict.failures           # the results that decide it
+    verdict.to_frame()         # one row per (implementation, device, case), as a DataFrame
+
+    timing = bnbench.benchmark(["builtin", "vectorized"], sweep="smoke", output="bench-out")
+    timing.to_frame()          # results.csv as a DataFrame
+
+The command line is a thin layer over these two: it resolves the same arguments, calls them and
+prints what they return. Bad arguments raise :class:`bnbench.UsageError` naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+from bnbench import gate
+from bnbench.cases import Case, all_cases
+from bnbench.registry import Implementation, UsageError, resolve, resolve_isolated
+from bnbench.results import environment
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+# The extras some features need, and the packages that stand for them.
+EXTRAS = {
+    "report": ("pandas", "matplotlib", "tabulate", "pydantic"),
+    "models": ("sklearn",),
+}
+
+
+def missing_extra(extra: str) -> str | None:
+    """None when the optional extra ``extra`` is installed; otherwise what to run to install it
+    (a feature that needs it says so instead of dying with ModuleNotFoundError)."""
+    import importlib.util
+
+    missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return (
+        f"this needs the '{extra}' extra ({', '.join(missing)} not installed): "
+        f"pip install 'bnbench[{extra}]'"
+    )
+
+
+def require_extra(extra: str) -> None:
+    problem = missing_extra(extra)
+    if problem:
+        raise UsageError(problem)
+
+
+def _frame(records: list[dict]) -> pd.DataFrame:
+    require_extra("report")
+    import pandas as pd
+
+    return pd.DataFrame.from_records(records)
+
+
+# ---------------------------------------------------------------------------------------------
+# verify
+
+
+@dataclass
+class VerifyResult:
+    """What a gate run found: every (implementation, device, case) result, in a stable order.
+
+    ``ok`` is what ``bnbench verify``'s exit code says: the run finished, something was
+    verified and nothing unexpected failed (a declared deviation, a waived failure and a case
+    the implementation does not support do not fail it)."""
+
+    results: list[gate.Result]
+    seconds: float
+    interrupted: bool = False
+    waivers: list[gate.Waiver] = field(default_factory=list)
+    implementations: list[Implementation] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return gate.passed(self.results) and not self.interrupted
+
+    @property
+    def failures(self) -> list[gate.Result]:
+        """The results that fail the run (fail, unexpected-pass)."""
+        return [r for r in self.results if not r.ok]
+
+    def causes(self) -> list:
+        """The failures grouped by root cause (bnbench.diagnose.Group: cause, cases, example,
+        hint), one entry for a cause that shows in many cases."""
+        from bnbench.diagnose import group_failures
+
+        return group_failures(self.results)
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Verdict counts per implementation@device."""
+        counts: dict[str, dict[str, int]] = {}
+        for r in self.results:
+            group = counts.setdefault(f"{r.implementation}@{r.device}", {})
+            group[str(r.verdict)] = group.get(str(r.verdict), 0) + 1
+        return counts
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per result (pandas, the 'report' extra)."""
+        return _frame(
+            [
+                {
+                    "implementation": r.implementation,
+                    "device": r.device,
+                    "case": r.case,
+                    "check": r.check,
+                    "category": r.category,
+                    "rank": r.rank,
+                    "verdict": str(r.verdict),
+                    "message": r.message,
+                    "seconds": r.seconds,
+                    "waiver": r.waiver.pattern if r.waiver else None,
+                }
+                for r in self.results
+            ]
+        )
+
+    def to_json(self) -> str:
+        return gate.to_json(self.results, environment(), self.waivers, interrupted=self.interrupted)
+
+    def to_junit(self) -> str:
+        return gate.to_junit(self.results)
+
+    def __repr__(self) -> str:
+        state = "interrupted" if self.interrupted else "ok" if self.ok else "FAILED"
+        return (
+            f"<VerifyResult {state}: {len(self.failures)} unexpected in {len(self.results)} "
+            f"results, {self.seconds:.1f} s>"
+        )
+
+
+def select_cases(patterns: Iterable[str] = ()) -> list[Case]:
+    """The cases whose id or check matches one of the globs (every case when none given)."""
+    cases = all_cases()
+    patterns = list(patterns)
+    if not patterns:
+        return cases
+    chosen = [
+        c
+        for c in cases
+        if any(fnmatch.fnmatchcase(c.id, p) or fnmatch.fnmatchcase(c.check, p) for p in patterns)
+    ]
+    if not chosen:
+        raise UsageError(f"--case {' '.join(patterns)}: no case matches")
+    return chosen
+
+
+def implementations(
+    impls: str | Implementation | Sequence[str | Implementation] | None, timeout: float = 120.0
+) -> tuple[list[Implementation], list[str], bool]:
+    """(implementations, their specs, whether they can run in worker processes). Names and
+    MODULE:ATTR specs can (code that is not bnbench's own is imported first in a probe
+    process); an Implementation object made here (in a notebook) cannot be imported by a
+    worker, so a run that includes one runs in this process."""
+    if impls is None:
+        items: list[str | Implementation] = []
+    elif isinstance(impls, (str, Implementation)):
+        items = [impls]
+    else:
+        items = list(impls)
+    names = [i if isinstance(i, str) else i.name for i in items]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UsageError(f"--impl {repeated[0]} is given more than once")
+    specs = [i for i in items if isinstance(i, str)]
+    isolated = len(specs) == len(items)
+    if not items:
+        chosen = resolve_isolated(None, timeout=timeout)
+    else:
+        # in this process with an object (a worker could not import it): the specs too
+        found = iter(
+            (resolve_isolated(specs, timeout=timeout) if isolated else resolve(specs))
+            if specs
+            else []
+        )
+        chosen = [next(found) if isinstance(i, str) else i for i in items]
+    return chosen, [impl.name for impl in chosen], isolated
+
+
+def devices_available(requested: Iterable[str] = ()) -> list[str]:
+    """The requested devices (every available one when none), checked."""
+    import torch
+
+    requested = list(requested)
+    if not requested:
+        return gate.available_devices()
+    for device in requested:
+        if device not in ("cpu", "cuda"):
+            raise UsageError(f"--device {device}: expected cpu or cuda")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda: CUDA is not available on this machine")
+    return list(dict.fromkeys(requested))
+
+
+def verify(
+    impls: str | Implementation | Sequence[str | Implementation] | None = None,
+    *,
+    devices: Sequence[str] = (),
+    cases: Sequence[str] = (),
+    ignore: Sequence[str] = (),
+    timeout: float = 120.0,
+    explore_seconds: float | None = None,
+    jobs: int | None = None,
+    progress: Callable[[gate.Result], None] | None = None,
+    started: Callable[[int], None] | None = None,
+    prepared: tuple[list[Implementation], list[str], bool] | None = None,
+) -> VerifyResult:
+    """Verify implementations against nn.BatchNorm, as ``bnbench verify`` does.
+
+    ``impls``: registered names, ``MODULE:ATTR`` specs or Implementation objects (default:
+    every registered one). ``cases``: globs over case ids and checks (``--case``). ``ignore``:
+    waivers, ``CATEGORY=REASON`` or ``GLOB=REASON`` (``--ignore``). ``explore_seconds``: fresh
+    random sequences for that long per rank in the model-based exploration (``--explore``).
+    Ctrl-C stops the run at once and returns what finished, with ``interrupted`` set.
+    ``started(total)`` is told how many results to expect, ``progress(result)`` each one as it
+    comes; ``prepared``: what :func:`implementations` returned, when the caller resolved them."""
+    from bnbench.explore import SECONDS_ENV, SHRINK_SECONDS
+
+    every = all_cases()
+    try:
+        # against every case, so that a waiver kept in CI survives a case selection
+        waivers = list(dict.fromkeys(gate.parse_waiver(spec, every) for spec in ignore))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    selected = select_cases(cases)
+    devices = devices_available(devices)
+    # The workers read it (and a later verify in this process must not inherit it).
+    os.environ.pop(SECONDS_ENV, None)
+    if explore_seconds is not None:
+        os.environ[SECONDS_ENV] = repr(float(explore_seconds))
+        # the explore cases get the search, shrinking and slack before they count as hung
+        timeout = max(timeout, explore_seconds + SHRINK_SECONDS + 60)
+    start = time.perf_counter()
+    chosen, specs, isolated = prepared or implementations(impls, timeout)
+    if started:
+        started(len(chosen) * len(devices) * len(selected))
+    try:
+        results = gate.run_gate(
+            chosen,
+            specs,
+            devices,
+            selected,
+            timeout=timeout,
+            jobs=jobs,
+            isolate=isolated,
+            progress=progress,
+            waivers=waivers,
+        )
+        interrupted = False
+    except gate.Interrupted as stopped:
+        results, interrupted = stopped.results, True
+    return VerifyResult(results, time.perf_counter() - start, interrupted, waivers, chosen)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+
+
+@dataclass
+class BenchResult:
+    """A benchmark run: its directory (results.csv, samples.csv, environment.json) and rows."""
+
+    directory: Path
+    rows: list[dict[str, Any]]
+    seconds: float
+
+    def to_frame(self) -> pd.DataFrame:
+        """results.csv as a DataFrame (pandas, the 'report' extra)."""
+        return _frame(self.rows)
+
+    def samples_frame(self) -> pd.DataFrame:
+        """samples.csv (every raw sample, keyed by row) as a DataFrame."""
+        require_extra("report")
+        import pandas as pd
+
+        return pd.read_csv(self.directory / "samples.csv")
+
+    def summary(self, baseline: str = "builtin") -> list[str]:
+        """Per implementation and device: time relative to the baseline and to the floor."""
+        from bnbench.benchmark import summary_lines
+
+        return summary_lines(self.rows, baseline)
+
+    @property
+    def problems(self) -> list[dict[str, Any]]:
+        """Rows that did not measure (error, nan, hung, crashed)."""
+        from bnbench.results import Status
+
+        return [r for r in self.rows if r["status"] not in (Status.OK, Status.NOT_SUPPORTED)]
+
+    def __repr__(self) -> str:
+        return (
+            f"<BenchResult {len(self.rows)} rows ({len(self.problems)} not measured) in "
+            f"{self.directory}, {self.seconds:.0f} s>"
+        )
+
+
+def bench(
+    impls: str | Sequence[str] | None = None,
+    *,
+    devices: Sequence[str] = (),
+    sweep: str = "quick",
+    output: str | os.PathLike = "bench-results",
+    threads: int | None = None,
+    timeout: float = 300.0,
+    verify: bool = True,
+    progress: Callable[[dict], None] | None = None,
+    prepared: tuple[list[Implementation], list[str], bool] | None = None,
+) -> BenchResult:
+    """Time forward/backward over a sweep, as ``bnbench bench`` does; results in ``output``.
+
+    ``impls``: registered names or ``MODULE:ATTR`` specs (each runs in a worker process, so an
+    Implementation object made in a notebook cannot be timed: register it in a module).
+    ``sweep``: quick, full, smoke or calibration. ``verify``: run the gate case that vouches for
+    each row. Raises KeyboardInterrupt on Ctrl-C, the finished rows kept in ``output``."""
+    import csv
+
+    from bnbench import benchmark as engine
+    from bnbench.results import parse_row
+
+    if sweep not in engine.SWEEPS:
+        raise UsageError(f"sweep {sweep!r}: expected one of {', '.join(engine.SWEEPS)}")
+    chosen_sweep = engine.SWEEPS[sweep]
+    if any(row.model for row in chosen_sweep.rows()):
+        require_extra("models")
+    devices = devices_available(devices)
+    chosen, specs, isolated = prepared or implementations(impls, timeout)
+    if not isolated:
+        raise UsageError(
+            "bench runs each implementation in a worker process: give registered names or "
+            "MODULE:ATTR specs, not Implementation objects"
+        )
+    start = time.perf_counter()
+    directory = Path(output)
+    engine.run_sweep(
+        chosen,
+        specs,
+        devices,
+        chosen_sweep,
+        directory,
+        threads=threads,
+        timeout=timeout,
+        verify=verify,
+        progress=progress,
+    )
+    with open(directory / "results.csv", newline="") as f:
+        rows = [parse_row(r) for r in csv.DictReader(f)]
+    return BenchResult(directory, rows, time.perf_counter() - start)
