@@ -299,24 +299,26 @@ class _Worker:
             PYTHONPATH=_pythonpath(),
             **{TOKEN_ENV: self.token, FD_ENV: str(write_fd)},
         )
+        self.fd = read_fd
+        self.buffer = b""
+        self.killed = False
         try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "bnbench._worker"],
-                stdin=subprocess.PIPE,
-                pass_fds=(write_fd,),
-                env=env,
-                start_new_session=True,
-            )
+            # started and registered under the lock: another thread's orphan sweep must never
+            # see this worker as a child that is not a live worker
+            with _LIVE_LOCK:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "bnbench._worker"],
+                    stdin=subprocess.PIPE,
+                    pass_fds=(write_fd,),
+                    env=env,
+                    start_new_session=True,
+                )
+                _LIVE.add(self)
         except BaseException:
             os.close(read_fd)
             raise
         finally:
             os.close(write_fd)
-        self.fd = read_fd
-        self.buffer = b""
-        self.killed = False
-        with _LIVE_LOCK:
-            _LIVE.add(self)
         job = json.dumps({"kind": kind, "args": list(args), "items": items}).encode() + b"\n"
         try:
             assert self.process.stdin is not None
@@ -452,21 +454,26 @@ def kill_orphans(since: float) -> None:
         import psutil
     except ImportError:  # pragma: no cover - a dependency
         return
-    with _LIVE_LOCK:
-        workers = {w.process.pid for w in _LIVE}
     for _ in range(5):
-        orphans = []
-        for child in psutil.Process().children():
-            try:
-                if child.pid not in workers and child.create_time() >= since - 1.0:
-                    orphans.append(child)
-            except psutil.Error:
-                continue
+        # under the lock: a worker another thread is starting is registered before it is seen
+        with _LIVE_LOCK:
+            workers = {w.process.pid for w in _LIVE}
+            orphans = []
+            for child in psutil.Process().children():
+                try:
+                    if child.pid not in workers and child.create_time() >= since - 1.0:
+                        orphans.append(child)
+                except psutil.Error:
+                    continue
+            for child in orphans:
+                try:
+                    child.kill()
+                except psutil.Error:
+                    pass
         if not orphans:
             return
         for child in orphans:
             try:
-                child.kill()
                 child.wait(5)
             except psutil.Error:
                 pass
