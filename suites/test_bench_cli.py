@@ -73,7 +73,7 @@ def test_misbehaving_rows_are_recorded_and_the_sweep_goes_on(tmp_path):
         "--output",
         str(out),
         "--timeout",
-        "10",
+        "6",
         "--no-verify",
         cwd=tmp_path,
     )
