@@ -11,7 +11,6 @@ import sys
 import time
 
 import click
-import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -26,7 +25,7 @@ from rich.table import Table
 
 from bnbench import api, gate
 from bnbench.cases import CATEGORIES, all_cases
-from bnbench.registry import UsageError, entry_point_implementations, resolve_isolated
+from bnbench.registry import UsageError, entry_point_implementations
 from bnbench.results import (
     VERDICT_LABELS,
     OutputInUse,
@@ -258,30 +257,6 @@ def main():
 
     # what an implementation starts and detaches comes back to this process, to be killed
     become_subreaper()
-
-
-def _devices(requested: tuple[str, ...]) -> list[str]:
-    if not requested:
-        return gate.available_devices()
-    for device in requested:
-        if device == "cuda" and not torch.cuda.is_available():
-            raise click.UsageError("--device cuda: CUDA is not available on this machine")
-    return list(dict.fromkeys(requested))
-
-
-def _implementations(specs: tuple[str, ...], timeout: float = 120.0):
-    """The implementations named by ``--impl`` (every registered one by default). Code that is
-    not bnbench's own is imported first in a probe process under ``timeout``: a module that
-    exits, crashes or hangs on import costs its own rows, never the run."""
-    repeated = sorted({s for s in specs if specs.count(s) > 1})
-    if repeated:
-        raise click.UsageError(f"--impl {repeated[0]} is given more than once")
-    try:
-        impls = resolve_isolated(list(specs), timeout=timeout)
-    except UsageError as exc:
-        raise click.UsageError(str(exc)) from exc
-    names = list(specs) if specs else [impl.name for impl in impls]
-    return impls, names
 
 
 def _need(*extras: str) -> None:
@@ -614,7 +589,7 @@ def bench(impl_specs, devices, sweep_name, output, threads, timeout, no_verify):
             chosen_devices = api.devices_available(devices)
             prepared = api.implementations(list(impl_specs) or None, timeout)
             bar.start(len(prepared[0]) * len(chosen_devices) * len(sweep.rows()))
-            api.bench(
+            timing = api.bench(
                 devices=chosen_devices,
                 sweep=sweep_name,
                 output=output,
@@ -634,7 +609,9 @@ def bench(impl_specs, devices, sweep_name, output, threads, timeout, no_verify):
                 f"interrupted: the finished rows are in {output}/results.csv", markup=False
             )
             sys.exit(signals.exit_code)
-    rows = _print_bench_summary(console, Path(output))
+    rows = timing.rows
+    for line in timing.summary():
+        console.print(line, markup=False)
     bad = [r for r in rows if r["status"] not in (Status.OK, Status.NOT_SUPPORTED)]
     for r in bad:
         console.print(
@@ -863,7 +840,10 @@ def run(name, reports_dir, impl_specs, devices, sweep_name, baseline):
     _need("report", "models")
     from bnbench import pipeline
 
-    devices = _devices(devices)
+    try:
+        devices = api.devices_available(devices)
+    except UsageError as exc:
+        raise click.UsageError(str(exc)) from exc
     name = name or f"{socket.gethostname()}-{datetime.now():%Y%m%d-%H%M}"
     output = Path(reports_dir) / name
     _check_outputs(directories=(output,))
@@ -871,7 +851,7 @@ def run(name, reports_dir, impl_specs, devices, sweep_name, baseline):
     listener = _ConsoleListener(console, baseline)
     with _Signals() as signals:
         try:
-            impls, specs = _implementations(impl_specs)
+            impls, specs, _ = api.implementations(list(impl_specs) or None)
             outcome = pipeline.run(
                 impls,
                 specs,
@@ -881,7 +861,7 @@ def run(name, reports_dir, impl_specs, devices, sweep_name, baseline):
                 baseline=baseline,
                 listener=listener,
             )
-        except OutputInUse as exc:
+        except (UsageError, OutputInUse) as exc:
             raise click.UsageError(str(exc)) from exc
         except (KeyboardInterrupt, gate.Interrupted):
             listener.close()
