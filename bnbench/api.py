@@ -160,12 +160,16 @@ def select_cases(patterns: Iterable[str] = ()) -> list[Case]:
 
 
 def implementations(
-    impls: str | Implementation | Sequence[str | Implementation] | None, timeout: float = 120.0
+    impls: str | Implementation | Sequence[str | Implementation] | None,
+    timeout: float = 120.0,
+    distributed: bool = False,
 ) -> tuple[list[Implementation], list[str], bool]:
     """(implementations, their specs, whether they can run in worker processes). Names and
     MODULE:ATTR specs can (code that is not bnbench's own is imported first in a probe
     process); an Implementation object made here (in a notebook) cannot be imported by a
-    worker, so a run that includes one runs in this process."""
+    worker, so a run that includes one runs in this process. With none named: every registered
+    one of the kind the run is for (synchronized ones when ``distributed``, the others when
+    not)."""
     if impls is None:
         items: list[str | Implementation] = []
     elif isinstance(impls, (str, Implementation)):
@@ -179,7 +183,11 @@ def implementations(
     specs = [i for i in items if isinstance(i, str)]
     isolated = len(specs) == len(items)
     if not items:
-        chosen = resolve_isolated(None, timeout=timeout)
+        chosen = [
+            impl
+            for impl in resolve_isolated(None, timeout=timeout)
+            if impl.distributed == distributed
+        ]
     else:
         # in this process with an object (a worker could not import it): the specs too
         found = iter(
@@ -218,6 +226,7 @@ def verify(
     progress: Callable[[gate.Result], None] | None = None,
     started: Callable[[int], None] | None = None,
     prepared: tuple[list[Implementation], list[str], bool] | None = None,
+    world_sizes: Sequence[int] = (),
 ) -> VerifyResult:
     """Verify implementations against nn.BatchNorm, as ``bnbench verify`` does.
 
@@ -227,9 +236,24 @@ def verify(
     random sequences for that long per rank in the model-based exploration (``--explore``).
     Ctrl-C stops the run at once and returns what finished, with ``interrupted`` set.
     ``started(total)`` is told how many results to expect, ``progress(result)`` each one as it
-    comes; ``prepared``: what :func:`implementations` returned, when the caller resolved them."""
+    comes; ``prepared``: what :func:`implementations` returned, when the caller resolved them.
+
+    ``world_sizes``: verify synchronized BatchNorms instead (bnbench.distributed), each in
+    worlds of that many rank processes (``--world-size``); results go under ``cpu-ws2``..."""
     from bnbench.explore import SECONDS_ENV, SHRINK_SECONDS
 
+    if world_sizes:
+        return _verify_distributed(
+            impls,
+            devices=devices,
+            cases=cases,
+            ignore=ignore,
+            timeout=timeout,
+            progress=progress,
+            started=started,
+            prepared=prepared,
+            world_sizes=world_sizes,
+        )
     every = all_cases()
     try:
         # against every case, so that a waiver kept in CI survives a case selection
@@ -257,6 +281,49 @@ def verify(
             timeout=timeout,
             jobs=jobs,
             isolate=isolated,
+            progress=progress,
+            waivers=waivers,
+        )
+        interrupted = False
+    except gate.Interrupted as stopped:
+        results, interrupted = stopped.results, True
+    return VerifyResult(results, time.perf_counter() - start, interrupted, waivers, chosen)
+
+
+def _verify_distributed(
+    impls, *, devices, cases, ignore, timeout, progress, started, prepared, world_sizes
+) -> VerifyResult:
+    from bnbench import distributed
+
+    sizes = list(dict.fromkeys(int(w) for w in world_sizes))
+    if any(w < 1 for w in sizes):
+        raise UsageError(f"--world-size {min(sizes)}: expected 1 or more ranks")
+    every = distributed.dist_cases()
+    try:
+        waivers = list(dict.fromkeys(gate.parse_waiver(spec, every) for spec in ignore))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    selected = distributed.select_dist_cases(cases)
+    if not selected:
+        raise UsageError(f"--case {' '.join(cases)}: no distributed case matches")
+    devices = devices_available(devices)
+    start = time.perf_counter()
+    chosen, specs, isolated = prepared or implementations(impls, timeout, distributed=True)
+    if not isolated:
+        raise UsageError(
+            "the distributed gate runs each rank in a worker process: give registered names or "
+            "MODULE:ATTR specs, not Implementation objects"
+        )
+    if started:
+        started(len(chosen) * len(devices) * len(sizes) * len(selected))
+    try:
+        results = distributed.run_dist_gate(
+            chosen,
+            specs,
+            devices,
+            sizes,
+            selected,
+            timeout=timeout,
             progress=progress,
             waivers=waivers,
         )
@@ -320,18 +387,37 @@ def bench(
     verify: bool = True,
     progress: Callable[[dict], None] | None = None,
     prepared: tuple[list[Implementation], list[str], bool] | None = None,
-) -> BenchResult:
+    world_sizes: Sequence[int] = (),
+) -> BenchResult | DistBenchResult:
     """Time forward/backward over a sweep, as ``bnbench bench`` does; results in ``output``.
 
     ``impls``: registered names or ``MODULE:ATTR`` specs (each runs in a worker process, so an
     Implementation object made in a notebook cannot be timed: register it in a module).
     ``sweep``: quick, full, smoke or calibration. ``verify``: run the gate case that vouches for
-    each row. Raises KeyboardInterrupt on Ctrl-C, the finished rows kept in ``output``."""
+    each row. Raises KeyboardInterrupt on Ctrl-C, the finished rows kept in ``output``.
+
+    ``world_sizes``: time synchronized BatchNorms instead (bnbench.dist_bench), in worlds of
+    that many rank processes (``--world-size``), next to local nn.BatchNorm on each rank's
+    shard; ``sweep`` quick, full or smoke picks the per-rank shapes and the timing budget; the
+    rows go to ``output``/dist_results.csv and a DistBenchResult is returned. Nothing vouches
+    for these rows (``verify`` does not apply): ``bnbench verify --world-size N`` checks them."""
     import csv
 
     from bnbench import benchmark as engine
     from bnbench.results import parse_row
 
+    if world_sizes:
+        return _bench_distributed(
+            impls,
+            devices=devices,
+            sweep=sweep,
+            output=output,
+            threads=threads,
+            timeout=timeout,
+            progress=progress,
+            prepared=prepared,
+            world_sizes=world_sizes,
+        )
     if sweep not in engine.SWEEPS:
         raise UsageError(f"sweep {sweep!r}: expected one of {', '.join(engine.SWEEPS)}")
     chosen_sweep = engine.SWEEPS[sweep]
@@ -360,3 +446,83 @@ def bench(
     with open(directory / "results.csv", newline="") as f:
         rows = [parse_row(r) for r in csv.DictReader(f)]
     return BenchResult(directory, rows, time.perf_counter() - start)
+
+
+@dataclass
+class DistBenchResult:
+    """A run of synchronized BatchNorms across ranks (``bench(..., world_sizes=...)``): its
+    directory (dist_results.csv, environment.json) and rows, one per implementation, device,
+    world size, per-rank shape and mode."""
+
+    directory: Path
+    rows: list[dict[str, Any]]
+    seconds: float
+
+    def to_frame(self) -> pd.DataFrame:
+        """dist_results.csv as a DataFrame (pandas, the 'report' extra)."""
+        return _frame(self.rows)
+
+    def scaling(self) -> list[dict[str, Any]]:
+        """The measured rows with their time relative to world size 1 and to local
+        BatchNorm, and their communication share (None: n/a), per world size."""
+        from bnbench.dist_bench import scaling
+
+        return scaling(self.rows)
+
+    def summary(self) -> list[str]:
+        """Per implementation, device and world size: time relative to local BatchNorm and to
+        one rank (geometric means), and the communication share."""
+        from bnbench.dist_bench import summary_lines
+
+        return summary_lines(self.rows)
+
+    @property
+    def problems(self) -> list[dict[str, Any]]:
+        """Rows that did not measure (error, nan, hung, crashed)."""
+        from bnbench.results import Status
+
+        return [r for r in self.rows if r["status"] not in (Status.OK, Status.NOT_SUPPORTED)]
+
+    def __repr__(self) -> str:
+        return (
+            f"<DistBenchResult {len(self.rows)} rows ({len(self.problems)} not measured) in "
+            f"{self.directory}, {self.seconds:.0f} s>"
+        )
+
+
+def _bench_distributed(
+    impls, *, devices, sweep, output, threads, timeout, progress, prepared, world_sizes
+) -> DistBenchResult:
+    from bnbench import dist_bench
+
+    sizes = list(dict.fromkeys(int(w) for w in world_sizes))
+    if any(w < 1 for w in sizes):
+        raise UsageError(f"--world-size {min(sizes)}: expected 1 or more ranks")
+    if sweep not in dist_bench.DIST_SWEEPS:
+        raise UsageError(
+            f"sweep {sweep!r} with --world-size: expected one of "
+            f"{', '.join(dist_bench.DIST_SWEEPS)}"
+        )
+    devices = dist_bench.dist_devices(devices)
+    chosen, specs, isolated = prepared or implementations(impls, timeout, distributed=True)
+    if not isolated:
+        raise UsageError(
+            "bench --world-size runs each rank in a worker process: give registered names or "
+            "MODULE:ATTR specs, not Implementation objects"
+        )
+    start = time.perf_counter()
+    directory = Path(output)
+    dist_bench.run_dist_bench(
+        chosen,
+        specs,
+        devices,
+        sizes,
+        dist_bench.DIST_SWEEPS[sweep],
+        directory,
+        threads=threads,
+        timeout=timeout,
+        progress=progress,
+    )
+    return DistBenchResult(
+        directory, dist_bench.read_dist_results(directory), time.perf_counter() - start
+    )

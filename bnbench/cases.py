@@ -657,7 +657,15 @@ def builtin_has_bias_argument() -> bool:
     return "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
 
 
-CATEGORIES = ("numerics", "running state", "lifecycle", "object contract", "autograd", "errors")
+CATEGORIES = (
+    "numerics",
+    "running state",
+    "lifecycle",
+    "object contract",
+    "autograd",
+    "errors",
+    "distributed",  # bnbench.distributed's cases (verify --world-size)
+)
 _RUNNING_STATE = {
     "momentum_float",
     "momentum_none",

@@ -440,6 +440,16 @@ class _Progress:
     default=None,
     help="Worker processes in parallel. Default: one per core.",
 )
+@click.option(
+    "--world-size",
+    "world_sizes",
+    multiple=True,
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Verify synchronized BatchNorms (nn.SyncBatchNorm's constructor, process_group) across "
+    "N rank processes: gloo on 127.0.0.1 for cpu, NCCL with one GPU per rank for cuda. "
+    "Repeatable. Default: the single-process gate of the other implementations.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="One row per case instead of per check.")
 def verify(
     impl_specs,
@@ -451,6 +461,7 @@ def verify(
     timeout,
     explore_seconds,
     jobs,
+    world_sizes,
     verbose,
 ):
     """Check implementations against nn.BatchNorm semantics; exit 1 on an unexpected result
@@ -470,6 +481,7 @@ def verify(
                 timeout=timeout,
                 explore_seconds=explore_seconds,
                 jobs=jobs,
+                world_sizes=world_sizes,
                 started=bar.start,
                 progress=lambda r: bar.advance(
                     f"{r.implementation} {r.case}", timed=r.verdict != Verdict.NOT_SUPPORTED
@@ -575,7 +587,18 @@ def _print_bench_summary(console: Console, directory, baseline: str = "builtin")
     is_flag=True,
     help="Do not run the gate case that vouches for each row (rows say not-run).",
 )
-def bench(impl_specs, devices, sweep_name, output, threads, timeout, no_verify):
+@click.option(
+    "--world-size",
+    "world_sizes",
+    multiple=True,
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Time synchronized BatchNorms across N rank processes instead (gloo on 127.0.0.1 for "
+    "cpu, NCCL with one GPU per rank for cuda), at a fixed per-rank batch, next to local "
+    "nn.BatchNorm on each rank's shard, with the share of time spent communicating; writes "
+    "dist_results.csv. Repeatable: give 1 for the baseline. --threads is per rank.",
+)
+def bench(impl_specs, devices, sweep_name, output, threads, timeout, no_verify, world_sizes):
     """Time forward/backward over a sweep; write a tidy results table."""
     from pathlib import Path
 
@@ -583,6 +606,11 @@ def bench(impl_specs, devices, sweep_name, output, threads, timeout, no_verify):
 
     _check_outputs(directories=(output,))
     console = _console()
+    if world_sizes:
+        _bench_distributed(
+            console, impl_specs, devices, sweep_name, output, threads, timeout, world_sizes
+        )
+        return
     sweep = engine.SWEEPS[sweep_name]
     with _Signals() as signals, _Progress(console, f"bench {sweep.name}") as bar:
         try:
@@ -609,6 +637,7 @@ def bench(impl_specs, devices, sweep_name, output, threads, timeout, no_verify):
                 f"interrupted: the finished rows are in {output}/results.csv", markup=False
             )
             sys.exit(signals.exit_code)
+    assert isinstance(timing, api.BenchResult)
     rows = timing.rows
     for line in timing.summary():
         console.print(line, markup=False)
@@ -622,6 +651,105 @@ def bench(impl_specs, devices, sweep_name, output, threads, timeout, no_verify):
         )
     console.print(
         f"{len(rows)} rows in {time.monotonic() - bar.begin:.0f} s: {Path(output) / 'results.csv'}",
+        markup=False,
+    )
+
+
+def _bench_distributed(
+    console: Console, impl_specs, devices, sweep_name, output, threads, timeout, world_sizes
+) -> None:
+    """bench --world-size: time synchronized BatchNorms across ranks; print how the cost grows
+    with the number of ranks."""
+    from pathlib import Path
+
+    from rich.text import Text
+
+    from bnbench import dist_bench
+
+    if sweep_name not in dist_bench.DIST_SWEEPS:
+        raise click.UsageError(
+            f"--{sweep_name} has no --world-size sweep (use --quick, --full or --smoke)"
+        )
+    sweep = dist_bench.DIST_SWEEPS[sweep_name]
+    sizes = list(dict.fromkeys(world_sizes))
+    with _Signals() as signals, _Progress(console, f"bench --world-size {sweep.name}") as bar:
+        try:
+            chosen_devices = dist_bench.dist_devices(devices)
+            prepared = api.implementations(list(impl_specs) or None, timeout, distributed=True)
+            bar.start(len(prepared[0]) * len(chosen_devices) * len(sizes) * len(sweep.rows()))
+            outcome = api.bench(
+                devices=chosen_devices,
+                sweep=sweep_name,
+                output=output,
+                threads=threads,
+                timeout=timeout,
+                progress=lambda row: bar.advance(
+                    f"{row['implementation']} {row['device']} x{row['world_size']} "
+                    f"{row['mode']} {row['shape']}",
+                    timed=row["status"] != Status.NOT_SUPPORTED,
+                ),
+                prepared=prepared,
+                world_sizes=sizes,
+            )
+        except (UsageError, OutputInUse) as exc:
+            raise click.UsageError(str(exc)) from exc
+        except KeyboardInterrupt:
+            console.print(
+                f"interrupted: the finished rows are in {output}/{dist_bench.DIST_RESULTS}",
+                markup=False,
+            )
+            sys.exit(signals.exit_code)
+    assert isinstance(outcome, api.DistBenchResult)
+    rows = outcome.rows
+    table = Table(
+        title="Synchronized BatchNorm across ranks (per-rank batch fixed; time: the slowest "
+        "rank's median)",
+        title_justify="left",
+    )
+    for name in ("implementation", "device", "shape/rank", "mode", "ranks"):
+        table.add_column(name)
+    for name in ("time", "vs 1 rank", "vs local BN", "comm share"):
+        table.add_column(name, justify="right")
+    previous = None
+    for r in outcome.scaling():
+        group = (r["implementation"], r["device"], r["shape"], r["mode"])
+        if previous is not None and group[:3] != previous[:3]:
+            table.add_section()
+        shown = [Text(str(v)) for v in group] if group != previous else [Text("")] * 4
+        previous = group
+        ratio = r["vs_world_size_1"]
+        table.add_row(
+            *shown,
+            Text(f"{r['world_size']}{'*' if r['oversubscribed'] else ''}"),
+            Text(f"{r['median_s'] * 1e6:.0f} us"),
+            Text("" if ratio is None else f"{ratio:.2f}x"),
+            Text("" if r["vs_local"] is None else f"{r['vs_local']:.2f}x"),
+            Text(dist_bench.share_text(r["comm_share"])),
+        )
+    if table.row_count:
+        console.print(table)
+    for line in outcome.summary():
+        console.print(line, markup=False)
+    for note in dist_bench.oversubscription_notes(rows):
+        console.print(f"* {note}", markup=False)
+    unsupported: dict[tuple, str] = {}
+    for r in rows:
+        if r["status"] == Status.NOT_SUPPORTED:
+            unsupported.setdefault(
+                (r["implementation"], r["device"], r["world_size"]), r["message"]
+            )
+        elif r["status"] != Status.OK:
+            console.print(
+                f"{r['status']} {r['implementation']}@{r['device']} x{r['world_size']} "
+                f"{r['mode']} {r['shape']}: {r['message']}",
+                style="red",
+                markup=False,
+            )
+    for (impl, device, size), reason in unsupported.items():
+        console.print(f"not supported: {impl}@{device} x{size}: {reason}", markup=False)
+    console.print(
+        f"{len(rows)} rows in {time.monotonic() - bar.begin:.0f} s: "
+        f"{Path(output) / dist_bench.DIST_RESULTS}",
         markup=False,
     )
 

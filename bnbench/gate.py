@@ -22,7 +22,7 @@ import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 
@@ -31,6 +31,9 @@ from bnbench.cases import CATEGORIES, Case, category_of
 from bnbench.checks import FAIL, PASS, UNSUPPORTED, Outcome, run_case
 from bnbench.isolation import run_items
 from bnbench.registry import Implementation
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bnbench.distributed import DistCase
 from bnbench.results import BAD_VERDICTS, VERIFY_SCHEMA, Verdict
 
 
@@ -57,7 +60,7 @@ class Waiver:
         return f"{self.pattern}={self.reason}"
 
 
-def parse_waiver(text: str, cases: Iterable[Case]) -> Waiver:
+def parse_waiver(text: str, cases: Iterable[Case | DistCase]) -> Waiver:
     """``CATEGORY=REASON`` or ``GLOB=REASON``; ValueError saying what is wrong, including a
     pattern that matches no category and none of ``cases`` (a typo would waive nothing)."""
     pattern, sep, reason = text.partition("=")

@@ -46,6 +46,8 @@ JOBS = {
     "gate": ("bnbench.gate", "gate_worker"),
     "bench": ("bnbench.benchmark", "bench_worker"),
     "probe": ("bnbench.registry", "probe_worker"),
+    "dist-gate": ("bnbench.distributed", "dist_gate_worker"),
+    "dist-bench": ("bnbench.dist_bench", "dist_bench_worker"),
 }
 
 
@@ -153,6 +155,8 @@ _HARNESS_MODULES = (
     "bnbench.registry",
     "bnbench.results",
     "bnbench.isolation",
+    "bnbench.distributed",
+    "bnbench.dist_bench",
 )
 _TORCH_FUNCTIONS = (
     "abs allclose as_tensor equal isclose isfinite isnan maximum ones rsqrt sqrt tensor "

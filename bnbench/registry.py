@@ -62,6 +62,8 @@ class Config:
     rank_specific: bool = False
     # the check calls the constructor positionally, as nn.BatchNorm's signature allows
     positional_constructor: bool = False
+    # ranks in the synchronized run (bnbench.distributed); 0: a single process, no process group
+    world_size: int = 0
 
 
 def _default_state(module: nn.Module) -> dict[str, torch.Tensor | None]:
@@ -74,8 +76,9 @@ def _default_state(module: nn.Module) -> dict[str, torch.Tensor | None]:
 @functools.cache
 def _case_ids() -> tuple[str, ...]:
     from bnbench.cases import all_cases  # cases never import the registry: no cycle
+    from bnbench.distributed import dist_cases  # imports the registry: called late, no cycle
 
-    return tuple(case.id for case in all_cases())
+    return tuple(case.id for case in all_cases()) + tuple(c.id for c in dist_cases())
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -127,6 +130,10 @@ class Implementation:
     # What a probe found wrong with its constructor (bnbench.diagnose.constructor_problem),
     # said once before the run: the stand-in cannot build a module to find out itself.
     constructor_note: str = ""
+    # A synchronized BatchNorm: the factory also takes process_group (nn.SyncBatchNorm's
+    # constructor) and, in training, normalizes with the statistics of the whole process
+    # group's batch. Verified and timed only with --world-size (bnbench.distributed).
+    distributed: bool = False
 
     def __post_init__(self):
         ids = _case_ids()
@@ -161,6 +168,15 @@ class Implementation:
     def not_supported_reasons(self, config: Config) -> list[str]:
         """Why this implementation cannot run ``config`` (empty when it can)."""
         reasons = []
+        if self.distributed and not config.world_size:
+            reasons.append(
+                "a synchronized BatchNorm: verified and timed across processes, with --world-size"
+            )
+        elif config.world_size and not self.distributed:
+            reasons.append(
+                "not a synchronized BatchNorm (its constructor takes no process_group): "
+                "verified without --world-size"
+            )
         dev = torch.device(config.device).type
         if dev not in self.supports_devices:
             reasons.append(f"device {dev} not supported")
@@ -288,14 +304,26 @@ _BUILTIN_RANKS = (
 )
 
 
+def takes_process_group(cls: type) -> bool:
+    """A synchronized BatchNorm class: nn.SyncBatchNorm, or a constructor with process_group."""
+    if issubclass(cls, nn.SyncBatchNorm):
+        return True
+    try:
+        return "process_group" in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def from_module_class(name: str, cls: type[nn.Module], **declarations) -> Implementation:
     """An implementation made of one class with nn.BatchNorm's constructor: a subclass of
-    nn.BatchNorm1d/2d/3d takes its base's ranks, any other class inputs of rank 2 to 5."""
+    nn.BatchNorm1d/2d/3d takes its base's ranks, any other class inputs of rank 2 to 5. A class
+    whose constructor takes ``process_group`` (nn.SyncBatchNorm's) is a synchronized one."""
 
     def factory(rank: int, num_features: int, *args, **kwargs) -> nn.Module:
         return cls(num_features, *args, **kwargs)
 
     declarations.setdefault("positional_constructor", True)
+    declarations.setdefault("distributed", takes_process_group(cls))
     for base, ranks in _BUILTIN_RANKS:
         if issubclass(cls, base):
             declarations.setdefault("supports_ranks", ranks)

@@ -55,13 +55,23 @@ def _layer_tensors(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     return tensors[0].device, tensors[0].dtype
 
 
-def swap(model: nn.Module, implementation, *, backward: bool = True) -> nn.Module:
+def swap(
+    model: nn.Module, implementation, *, backward: bool = True, process_group=None
+) -> nn.Module:
     """Replace every nn.BatchNorm1d/2d/3d in ``model`` (in place; returns the model, or the new
     layer when ``model`` is itself a BatchNorm). ``backward=False``: the model will only run
-    forward, so an implementation without a backward may stand in."""
+    forward, so an implementation without a backward may stand in.
+
+    A synchronized implementation (``swap(model, "sync")``) is built with ``process_group``
+    (None: the whole world), as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does; layers that
+    are already synchronized BatchNorms (nn.SyncBatchNorm) are replaced too."""
     impl = _implementation(implementation)
+    if process_group is not None and not impl.distributed:
+        raise SwapError(f"process_group given, but {impl.name} is not a synchronized BatchNorm")
     for name, module in list(model.named_modules()):
         rank = BUILTIN_RANKS.get(type(module))
+        if rank is None and impl.distributed and type(module) is nn.SyncBatchNorm:
+            rank = 4  # nn.SyncBatchNorm takes every rank; any rank's config describes it
         if rank is None:
             continue
         device, dtype = _layer_tensors(module)
@@ -80,6 +90,7 @@ def swap(model: nn.Module, implementation, *, backward: bool = True) -> nn.Modul
             track_running_stats=has_buffers,
             tracking_switched_off=has_buffers and not module.track_running_stats,
             needs_backward=backward,
+            world_size=1 if impl.distributed else 0,
         )
         reasons = impl.not_supported_reasons(config)
         if reasons:
@@ -97,6 +108,7 @@ def swap(model: nn.Module, implementation, *, backward: bool = True) -> nn.Modul
                 track_running_stats=has_buffers,
             ),
             device=device,
+            **({"process_group": process_group} if impl.distributed else {}),
         )
         _copy_state(
             {r: getattr(module, r, None) for r in _ROLES}, impl.state(new), name or "the model"
