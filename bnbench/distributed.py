@@ -121,6 +121,7 @@ class DistCase:
     subgroup: bool = False
     offset: float = 0.0  # per-channel |mean| / std when large offsets are the point
     input_grad: bool = True  # False: the input does not require grad (a network's first layer)
+    model: str = ""  # a zoo network trained with DDP instead of a single layer
     category: str = CATEGORY
 
     @property
@@ -250,9 +251,26 @@ def dist_cases() -> list[DistCase]:
             input_grad=False,
         ),
         DistCase(
+            "ddp-conv_bn",
+            4,
+            (1, 8, 8),
+            "the zoo's conv_bn swapped to it, DDP training over the ranks = one process on "
+            "the global batch",
+            model="conv_bn",
+            steps=("train",) * 3 + ("eval",),
+        ),
+        DistCase(
+            "ddp-mlp_bn",
+            2,
+            (1, 8, 8),
+            "the zoo's mlp_bn (BatchNorm1d) swapped to it, DDP training = one process",
+            model="mlp_bn",
+            steps=("train",) * 3 + ("eval",),
+        ),
+        DistCase(
             "tails",
             4,
-            (37, 9, 7),
+            (37, 5, 7),
             "odd channel count and spatial size (tiling tails), larger shards",
         ),
     ]
@@ -323,6 +341,10 @@ class World:
     group: Any = None  # the subgroup this rank belongs to (subgroup cases)
     members: list[int] = field(default_factory=list)  # that subgroup's ranks
     harness: Any = None  # bnbench's own group, for its barrier (never handed to the module)
+
+
+class NotSupportedHere(Exception):
+    """What the case needs is not there for this implementation (every rank alike)."""
 
 
 class CaseFailed(Exception):
@@ -409,9 +431,11 @@ def run_rank_case(impl: Implementation, case: DistCase, world: World) -> dict:
     if reasons:
         return {"status": UNSUPPORTED, "message": "; ".join(reasons), "in_step": False}
     try:
-        problems = _run_steps(impl, case, world)
+        problems = _run_ddp(impl, case, world) if case.model else _run_steps(impl, case, world)
     except CaseFailed as exc:
         return {"status": FAIL, "message": str(exc), "in_step": exc.in_step}
+    except NotSupportedHere as exc:
+        return {"status": UNSUPPORTED, "message": str(exc), "in_step": False}
     except Exception as exc:  # the implementation's constructor or state raised
         return {
             "status": FAIL,
@@ -604,6 +628,99 @@ def _run_steps(impl: Implementation, case: DistCase, world: World) -> list[str]:
     return reported
 
 
+# Per-rank batch of the DDP cases (even shards: DDP averages the ranks' gradients, which equals
+# the global batch's mean-loss gradient only when every rank holds as many samples).
+DDP_SHARD = 4
+DDP_LR = 0.1
+
+
+def _run_ddp(impl: Implementation, case: DistCase, world: World) -> list[str]:
+    """A zoo network whose BatchNorm layers are swapped to ``impl`` (bnbench.swap, as
+    nn.SyncBatchNorm.convert_sync_batchnorm), trained with DistributedDataParallel over the
+    ranks for a few SGD steps on even shards, against the same network with nn.BatchNorm
+    trained in one process on the global batch, in float64: losses, parameters and running
+    statistics after every step, then an eval forward (local: no collective)."""
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    from bnbench import zoo
+    from bnbench.swap import SwapError, swap
+    from bnbench.tolerances import compare_tensors
+
+    W, device = world.world_size, world.device
+    seed = zlib.crc32(case.id.encode()) % 1000
+    reference = zoo.build(case.model, seed, dtype=torch.float64)
+    model = zoo.build(case.model, seed, device=device)
+    try:
+        model = swap(model, impl)
+    except SwapError as exc:
+        raise CaseFailed(f"swap(model, {impl.name!r}) failed: {exc}", in_step=False) from exc
+    except Exception as exc:
+        raise CaseFailed(f"swap(model, {impl.name!r}) raised {_describe(exc)}", False) from exc
+    if device == "cpu" and any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+        raise NotSupportedHere(
+            "DistributedDataParallel refuses nn.SyncBatchNorm layers (subclasses included) in "
+            "a CPU module: a CPU synchronized BN for DDP must not subclass nn.SyncBatchNorm"
+        )
+    try:
+        ddp = DistributedDataParallel(model, device_ids=None if device == "cpu" else [device])
+    except Exception as exc:
+        raise CaseFailed(f"DistributedDataParallel(model) raised {_describe(exc)}", True) from exc
+    opt = torch.optim.SGD(model.parameters(), lr=DDP_LR)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=DDP_LR)
+    g = _seed(case, "ddp")
+    problems: list[str] = []
+    mine = slice(world.rank * DDP_SHARD, (world.rank + 1) * DDP_SHARD)
+    for i, mode in enumerate(case.steps):
+        x = torch.rand((W * DDP_SHARD, *case.shape), generator=g, dtype=torch.float64)
+        labels = torch.randint(0, 10, (W * DDP_SHARD,), generator=g)
+        where = f"step {i} ({mode}, {DDP_SHARD} samples per rank)"
+        training = mode == "train"
+        ddp.train(training)
+        reference.train(training)
+        try:
+            if training:
+                opt.zero_grad(set_to_none=True)
+                out = ddp(x[mine].to(device, torch.float32))
+                loss = F.cross_entropy(out, labels[mine].to(device))
+                loss.backward()
+                opt.step()
+            else:
+                with count_collectives() as counted, torch.no_grad():
+                    out = model(x[mine].to(device, torch.float32))
+                if counted.calls:
+                    problems.append(f"{where}: {len(counted.calls)} collective(s) in eval")
+        except Exception as exc:
+            raise CaseFailed(f"{where}: raised {_describe(exc)}", True) from exc
+        if training:
+            ref_opt.zero_grad(set_to_none=True)
+            ref_out = reference(x)
+            F.cross_entropy(ref_out, labels).backward()
+            ref_opt.step()
+            expected = ref_out.detach()[mine]
+        else:
+            with torch.no_grad():
+                expected = reference(x[mine])
+        problem = compare_tensors("logits", out.detach(), expected, torch.float32)
+        if problem:
+            problems.append(f"{where}: {problem}")
+        ref_state = dict(reference.named_parameters()) | {
+            k: v for k, v in reference.named_buffers() if v.is_floating_point()
+        }
+        ours = dict(model.named_parameters()) | dict(model.named_buffers())
+        for name, exp in ref_state.items():
+            got = ours.get(name)
+            stats = name.endswith(("running_mean", "running_var"))
+            problem = compare_tensors(name, got, exp, torch.float32, statistics=stats)
+            if problem:
+                problems.append(f"{where}: after the SGD step: {problem}")
+        if problems:
+            return problems[:4] + (
+                [f"... and {len(problems) - 4} more"] if len(problems) > 4 else []
+            )
+    return []
+
+
 def init_world(
     device: str,
     world_size: int,
@@ -645,7 +762,7 @@ def _loopback_env() -> None:
 
 
 def dist_gate_worker(
-    spec: str,
+    specs: list[str],
     device: str,
     world_size: int,
     rank: int,
@@ -657,7 +774,10 @@ def dist_gate_worker(
     items: list[str],
     channel,
 ) -> None:
-    """One rank (bnbench.isolation's "dist-gate" job): join the world, run each case."""
+    """One rank (bnbench.isolation's "dist-gate" job): join the world, run each item, "K|CASE"
+    (the K-th implementation of ``specs`` on CASE). The implementations of one run share a
+    world, so that it starts once: one that breaks it (raises inside a step, hangs, dies,
+    patches the checks) costs its item and a fresh world runs the rest."""
     import torch.distributed as dist
 
     from bnbench.registry import resolve
@@ -674,16 +794,20 @@ def dist_gate_worker(
             timeout=datetime.timedelta(seconds=collective_timeout * 4),
         ),
     )
-    impl = resolve([spec])[0]
     world = init_world(device, world_size, rank, store, collective_timeout)
     cases = case_by_id()
-    for case_id in items:
-        channel.start(case_id)
+    loaded: dict[int, Implementation] = {}
+    for item in items:
+        k, _, case_id = item.partition("|")
+        channel.start(item)
         start = time.perf_counter()
         dist.barrier(group=world.harness)  # every rank is here: the case starts together
-        result = run_rank_case(impl, cases[case_id], world)
+        index = int(k)
+        if index not in loaded:  # imported first in a probe process already: it loads
+            loaded[index] = resolve([specs[index]])[0]
+        result = run_rank_case(loaded[index], cases[case_id], world)
         result["seconds"] = time.perf_counter() - start
-        channel.done(case_id, result)
+        channel.done(item, result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -979,12 +1103,12 @@ def run_dist_gate(
     isolation.begin()
     by_id = {c.id: c for c in cases}
     try:
-        for impl, spec in zip(impls, specs):
-            for device in devices:
-                for world_size in world_sizes:
-                    label = device_label(device, world_size)
-                    runnable = []
-                    blocked = world_device_problem(device, world_size)
+        for device in devices:
+            for world_size in world_sizes:
+                label = device_label(device, world_size)
+                blocked = world_device_problem(device, world_size)
+                runnable: list[str] = []  # "K|CASE": the K-th implementation on CASE
+                for k, impl in enumerate(impls):
                     for case in cases:
                         reasons = impl.not_supported_reasons(case.config(device, world_size))
                         if blocked:
@@ -995,34 +1119,49 @@ def run_dist_gate(
                         elif impl.load_error:
                             record(impl, label, case, Outcome(FAIL, impl.load_error), 0.0)
                         else:
-                            runnable.append(case.id)
-                    if not runnable:
-                        continue
-                    ct = collective_timeout(timeout)
+                            runnable.append(f"{k}|{case.id}")
+                if not runnable:
+                    continue
+                ct = collective_timeout(timeout)
 
-                    def args(rank, port, prefix, _spec=spec, _d=device, _w=world_size, _ct=ct):
-                        return (_spec, _d, _w, rank, port, prefix, threads, _ct)
+                def args(rank, port, prefix, _d=device, _w=world_size, _ct=ct):
+                    return (list(specs), _d, _w, rank, port, prefix, threads, _ct)
 
-                    def received(item, reports, secs, _impl=impl, _label=label):
-                        record(_impl, _label, by_id[item], merge_reports(reports), secs)
+                def received(item, reports, secs, _label=label):
+                    k, _, case_id = item.partition("|")
+                    outcome = merge_reports(reports)
+                    record(impls[int(k)], _label, by_id[case_id], outcome, secs)
 
-                    try:
-                        run_world(
-                            "dist-gate", args, runnable, world_size, timeout, received, _is_broken
-                        )
-                    except isolation.Interrupted:
-                        raise
-                    except Exception as exc:  # bnbench's own fault: this world's rows
-                        problem = f"bnbench failed running this world: {_describe(exc)}"
-                        done = {(r.implementation, r.device, r.case) for r in results}
-                        for cid in runnable:
-                            if (impl.name, label, cid) not in done:
-                                record(impl, label, by_id[cid], Outcome(FAIL, problem), 0.0)
+                try:
+                    run_world(
+                        "dist-gate", args, runnable, world_size, timeout, received, _is_broken
+                    )
+                except isolation.Interrupted:
+                    raise
+                except Exception as exc:  # bnbench's own fault: this world's rows
+                    problem = f"bnbench failed running this world: {_describe(exc)}"
+                    done = {(r.implementation, r.device, r.case) for r in results}
+                    for item in runnable:
+                        index, _, case_id = item.partition("|")
+                        impl = impls[int(index)]
+                        if (impl.name, label, case_id) not in done:
+                            record(impl, label, by_id[case_id], Outcome(FAIL, problem), 0.0)
     except (KeyboardInterrupt, isolation.Interrupted):
         with gate._signals_held():
             isolation.interrupt()
-        raise gate.Interrupted(results) from None
-    return results
+        raise gate.Interrupted(_ordered(results, impls, cases)) from None
+    return _ordered(results, impls, cases)
+
+
+def _ordered(results: list, impls: list[Implementation], cases: list[DistCase]) -> list:
+    """By implementation, then world (as run), then case."""
+    impl_order = {impl.name: i for i, impl in enumerate(impls)}
+    case_order = {c.id: i for i, c in enumerate(cases)}
+    worlds = list(dict.fromkeys(r.device for r in results))
+    return sorted(
+        results,
+        key=lambda r: (impl_order[r.implementation], worlds.index(r.device), case_order[r.case]),
+    )
 
 
 def select_dist_cases(patterns: Sequence[str] = ()) -> list[DistCase]:

@@ -57,7 +57,16 @@ from bnbench.results import (  # noqa: E402
     Verdict,
     write_atomic,
 )
-from bnbench.runs import ReportInputError, Results, combine, load  # noqa: E402
+from bnbench.runs import (  # noqa: E402
+    ReportInputError,
+    Results,
+    _check_integers,
+    _fail,
+    combine,
+    load,
+    read_bytes,
+    read_table,
+)
 
 # The layer modes, then a whole model's training step, in plotting order.
 MODES = [*BENCH_MODES, "train_step"]
@@ -1484,6 +1493,7 @@ CSV_NAMES = {
     "correctness": "correctness.csv",
     "compile": "compile-cost.csv",
     "problems": "not-measured.csv",
+    "dist": "sync-across-ranks.csv",
 }
 CORRECTNESS = "Correctness (bnbench verify)"
 
@@ -1511,7 +1521,13 @@ def write_report(inputs: list[str], output: str | os.PathLike, baseline: str = "
         raise ReportInputError(f"{plots_dir}: resolves outside {output} ({plots_dir.resolve()})")
     several = len(results) > 1
     items = verify_items(results)
-    summaries, summary_table = device_summaries(frame, results, items, baseline)
+    dist_notes: list[str] = []
+    dist = dist_frames(results, dist_notes)
+    summaries: list[DeviceSummary]
+    if frame.empty:  # a directory of bench --world-size holds an empty results.csv
+        summaries, summary_table = [], pd.DataFrame()
+    else:
+        summaries, summary_table = device_summaries(frame, results, items, baseline)
     matrices = correctness_matrices(items)
     # (heading, table, CSV file for the full table or None)
     tables: list[tuple[str, pd.DataFrame, str | None]] = [
@@ -1538,8 +1554,11 @@ def write_report(inputs: list[str], output: str | os.PathLike, baseline: str = "
     problems = not_measured_table(frame)
     if not problems.empty:
         tables.append(("Rows that did not measure", problems, CSV_NAMES["problems"]))
-    tables.append(("Environment", environment_table(results), None))
     paragraphs: dict[str, list[str]] = {}
+    if dist:
+        tables.append((DIST_HEADING, dist_table(dist), CSV_NAMES["dist"]))
+        paragraphs[DIST_HEADING] = [DIST_HOW]
+    tables.append(("Environment", environment_table(results), None))
     studies = []
     for r in results:
         if not r.study:
@@ -1550,8 +1569,8 @@ def write_report(inputs: list[str], output: str | os.PathLike, baseline: str = "
         paragraphs[heading] = [str(line) for line in summary["conclusion"]]
         studies.append((r.source, rows, float(summary["study"]["target"])))
 
-    notes: list[str] = []  # the report's own: what it left out
-    plots = _render_plots(frame, baseline, studies, plots_dir, notes)
+    notes: list[str] = dist_notes  # the report's own: what it left out
+    plots = _render_plots(frame, baseline, studies, plots_dir, notes, dist)
     warnings = warnings_list(frame, results, items, notes)
 
     shown: dict[str, pd.DataFrame] = {}
@@ -1679,6 +1698,7 @@ def _render_plots(
     studies: list[tuple[str, list[dict], float]],
     plots_dir: Path,
     notes: list[str],
+    dist: list[tuple[str, pd.DataFrame]] | None = None,
 ) -> list[tuple[str, str, bytes, str]]:
     """Every plot rendered to PNG and written into ``plots_dir``: (name, caption, PNG bytes,
     the heading it goes under). Each figure is closed before the next is drawn. Labels from
@@ -1688,7 +1708,9 @@ def _render_plots(
     sections: dict[str, str] = {}
     with matplotlib.rc_context({"text.usetex": False}):
         for name, caption, fig in chain(
-            make_plots(frame, baseline, notes, sections), _study_plots(studies, notes, sections)
+            make_plots(frame, baseline, notes, sections),
+            _study_plots(studies, notes, sections),
+            _dist_plots(dist or [], notes, sections),
         ):
             stem, suffix = name.rsplit(".", 1)
             unique, k = name, 1
@@ -1730,4 +1752,212 @@ def _study_plots(
             name,
             f"BatchNorm against no BatchNorm: test accuracy per training step ({source})",
             study_plot(rows, target),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Synchronized BatchNorm across ranks (bench --world-size: dist_results.csv)
+
+DIST_HEADING = "Synchronized BatchNorm across ranks"
+DIST_HOW = (
+    "bnbench bench --world-size: each rank runs the same per-rank batch (the global batch "
+    "grows with the ranks). time: the slowest rank's median per call (a step waits for it). "
+    "vs 1 rank: against the same row with one rank, where a synchronized BatchNorm runs "
+    "locally. vs local BN: against nn.BatchNorm on the same shard, timed on every rank at the "
+    "same time. comm share: time inside torch.distributed collectives over the timed time, "
+    "over all ranks (n/a: none seen at more than one rank). oversubscribed: more ranks x "
+    "threads than cores: times include ranks waiting for a descheduled peer."
+)
+DIST_REQUIRED = ["implementation", "device", "world_size", "mode", "shape", "status", "median_s"]
+MAX_DIST_PLOTS = 8
+
+
+def validate_dist(table) -> pd.DataFrame:
+    """dist_results.csv checked as results.csv is: key columns named, statuses known, counts
+    whole and positive, measured rows with positive times, shares within [0, 1], each row's
+    key once."""
+    from bnbench.dist_bench import DIST_INTEGER, DIST_KEY
+
+    frame = table.frame
+    for column in ("implementation", "device", "mode", "shape", "status"):
+        _fail(table, column, frame[column] == "", frame[column], "is required")
+    statuses = [s.value for s in Status]
+    _fail(
+        table,
+        "status",
+        ~frame["status"].isin(statuses),
+        frame["status"],
+        f"is not a status (one of {', '.join(statuses)})",
+    )
+    positive = [c for c in ("world_size", "batch_per_rank", "global_batch") if c in frame]
+    _check_integers(table, [c for c in frame if c in DIST_INTEGER], positive)
+    measured = frame["status"] == Status.OK.value
+    for column in ("median_s", "p20_s", "p80_s", "local_median_s", "ratio_to_local"):
+        if column not in frame:
+            continue
+        values = frame[column]
+        if column in ("median_s", "local_median_s"):
+            _fail(table, column, measured & values.isna(), values, "is required for a measured row")
+        _fail(table, column, measured & (values <= 0), values, "is not positive")
+    if "comm_share" in frame:
+        share = frame["comm_share"]
+        _fail(table, "comm_share", (share < 0) | (share > 1), share, "is not between 0 and 1")
+    key = [k for k in DIST_KEY if k in frame]
+    twice = frame.duplicated(key, keep=False).to_numpy()
+    if twice.any():
+        first = int(np.flatnonzero(twice)[0])
+        raise ReportInputError(
+            f"{table.path}: {table.where(first)}: a row whose key ({', '.join(key)}) is not unique"
+        )
+    return frame
+
+
+def dist_frames(results: list[Results], notes: list[str]) -> list[tuple[str, pd.DataFrame]]:
+    """(source, validated dist_results.csv) for each bench directory that holds one written
+    with its environment.json (recorded there with its sha256); another run's is noted and
+    left out."""
+    import hashlib
+
+    from bnbench.dist_bench import DIST_NUMERIC, DIST_RESULTS
+    from bnbench.runs import MAX_CSV_BYTES
+
+    out = []
+    for r in results:
+        path = r.path / DIST_RESULTS
+        if r.kind != "bnbench" or not os.path.lexists(path):
+            continue
+        data = read_bytes(path, MAX_CSV_BYTES)
+        record = (r.environment.get("files") or {}).get(DIST_RESULTS)
+        if (
+            not isinstance(record, dict)
+            or hashlib.sha256(data).hexdigest() != str(record.get("sha256", "")).lower()
+        ):
+            notes.append(
+                f"{r.source}: {DIST_RESULTS} in {r.path} is not the one its environment.json "
+                "records (from another run); not shown"
+            )
+            continue
+        frame = validate_dist(
+            read_table(path, DIST_REQUIRED, set(DIST_NUMERIC) | _dist_ints(), data, DIST_RESULTS)
+        )
+        lost = frame[~frame["status"].isin([Status.OK.value, Status.NOT_SUPPORTED.value])]
+        for row in lost.head(10).itertuples(index=False):
+            first = str(row.message).splitlines()[0] if isinstance(row.message, str) else ""
+            notes.append(
+                f"{r.source}: {row.implementation}@{row.device} x{row.world_size} {row.mode} "
+                f"{row.shape}: {row.status} ({first[:MAX_REASON]})"
+            )
+        if len(lost) > 10:
+            notes.append(f"{r.source}: ... and {len(lost) - 10} more rows across ranks lost")
+        out.append((r.source, frame))
+    return out
+
+
+def _dist_ints() -> set[str]:
+    from bnbench.dist_bench import DIST_INTEGER
+
+    return set(DIST_INTEGER)
+
+
+def dist_table(dist: list[tuple[str, pd.DataFrame]]) -> pd.DataFrame:
+    """How the cost grows with the ranks: one row per measured (source, implementation,
+    device, per-rank shape, mode, world size)."""
+    from bnbench.dist_bench import scaling, share_text
+
+    rows = []
+    for source, frame in dist:
+        records = frame.astype(object).where(frame.notna(), None).to_dict("records")
+        for r in scaling(records):
+            rows.append(
+                {
+                    "source": source,
+                    "implementation": r["implementation"],
+                    "device": r["device"],
+                    "shape per rank": r["shape"],
+                    "mode": r["mode"],
+                    "ranks": r["world_size"],
+                    "time (ms)": r["median_s"] * 1e3,
+                    "vs 1 rank": r["vs_world_size_1"],
+                    "vs local BN": r["vs_local"],
+                    "comm share": share_text(r["comm_share"]),
+                    "oversubscribed": r["oversubscribed"],
+                }
+            )
+    columns = [
+        "source",
+        "implementation",
+        "device",
+        "shape per rank",
+        "mode",
+        "ranks",
+        "time (ms)",
+        "vs 1 rank",
+        "vs local BN",
+        "comm share",
+        "oversubscribed",
+    ]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _dist_plots(
+    dist: list[tuple[str, pd.DataFrame]], notes: list[str], sections: dict[str, str]
+) -> Iterator[tuple[str, str, plt.Figure]]:
+    """Time against the number of ranks, one figure per (source, device, per-rank shape): a
+    line per implementation and mode, local BatchNorm dashed."""
+    table = dist_table(dist)
+    groups = list(table.groupby(["source", "device", "shape per rank"], sort=False))
+    if len(groups) > MAX_DIST_PLOTS:
+        notes.append(
+            f"{len(groups) - MAX_DIST_PLOTS} more per-rank shapes across ranks not plotted "
+            f"(the first {MAX_DIST_PLOTS} are)"
+        )
+    frames = {source: frame for source, frame in dist}
+    for n, ((source, device, shape), group) in enumerate(groups[:MAX_DIST_PLOTS]):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        raw = frames[source]
+        raw = raw[(raw["device"] == device) & (raw["shape"] == shape) & (raw["status"] == "ok")]
+        local_drawn: set[str] = set()  # local BN once per mode (each implementation's run
+        # timed its own, on the same shards)
+        for k, ((impl, mode), line) in enumerate(group.groupby(["implementation", "mode"])):
+            if k >= MAX_LINES:
+                notes.append(f"{source}, {device}, {shape}: the first {MAX_LINES} lines drawn")
+                break
+            line = line.sort_values("ranks")
+            colour = colours[k % len(colours)]
+            ax.plot(
+                line["ranks"], line["time (ms)"], "o-", color=colour, label=_label(f"{impl} {mode}")
+            )
+            if mode in local_drawn:
+                continue
+            local_drawn.add(mode)
+            local = raw[(raw["implementation"] == impl) & (raw["mode"] == mode)]
+            local = local.sort_values("world_size")
+            ax.plot(
+                local["world_size"],
+                local["local_median_s"] * 1e3,
+                "x--",
+                color=colour,
+                alpha=0.6,
+                label=_label(f"local BN {mode}"),
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ranks = sorted(set(group["ranks"]))
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ranks))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("ranks (world size)")
+        ax.set_ylabel("median time per call (ms, log)")
+        ax.set_title(_label(f"{device}, {shape} per rank", limit=80))
+        ax.legend(fontsize=7, loc="best")
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        name = f"dist-{n:02d}-{safe_name(device)}-{safe_name(shape)}.png"
+        sections[name] = DIST_HEADING
+        yield (
+            name,
+            f"Time per call against the number of ranks ({source}, {device}, per-rank shape "
+            f"{shape}; dashed: local BatchNorm on the same shard)",
+            fig,
         )

@@ -23,6 +23,8 @@ collectives, so that synchronized BN can be run and checked on CPU:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -135,9 +137,37 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
-    """nn.SyncBatchNorm's constructor and state; synchronization written with torch.distributed
-    collectives, so that it runs on every backend (gloo on CPU included)."""
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """nn.SyncBatchNorm's constructor, state and behaviour; synchronization written with
+    torch.distributed collectives, so that it runs on every backend (gloo on CPU included).
+
+    Not a subclass of nn.SyncBatchNorm: DistributedDataParallel refuses nn.SyncBatchNorm layers
+    in a CPU module ("SyncBatchNorm layers only work with GPU modules")."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any | None = None,
+        device=None,
+        dtype=None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs
+        )
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _check_non_zero_input_channels(self, input: torch.Tensor) -> None:
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
@@ -156,7 +186,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             bn_training = self.running_mean is None and self.running_var is None
         running_mean = self.running_mean if not self.training or self.track_running_stats else None
         running_var = self.running_var if not self.training or self.track_running_stats else None
-        group = self.process_group if self.process_group is not None else None
+        group = self.process_group
         sync = (
             bn_training
             and self.training

@@ -1,0 +1,62 @@
+"""The distributed gate judges the synchronized BatchNorm catalogue (suites/dist_catalogue.py)
+right: every BROKEN class fails somewhere (a real fail, not just "not supported"), every
+FAITHFUL one passes and fails nothing. World size 3 only, to keep the time down; the class
+that hangs its peers runs alone, with a short deadline, on the cases with a 0-sample rank."""
+
+from __future__ import annotations
+
+import pytest
+from dist_catalogue import BROKEN, FAITHFUL
+
+import bnbench
+from bnbench.distributed import dist_cases
+from bnbench.results import Verdict
+
+HANGS = "ZeroRankSkipsCollectiveSyncBN"  # its peers wait in a collective until the deadline
+RAISES = "RaisingRankSyncBN"  # every case it fails ends its world: a fresh one per case
+ZERO_RANK_CASES = ["dist-empty-rank-*"]  # the gate's cases with a 0-sample rank
+# Every distributed case but the DDP training runs and the large tails case (the slowest; the
+# built-ins run them in test_distributed), to keep the default test run short.
+CASES = [c.id for c in dist_cases() if not c.model and c.check != "tails"]
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _spec(name: str) -> str:
+    return f"dist_catalogue:{name}"
+
+
+@pytest.fixture(scope="module")
+def results_by_class() -> dict[str, list]:
+    specs = [_spec(name) for name in FAITHFUL + BROKEN if name not in (HANGS, RAISES)]
+    runs = [
+        bnbench.verify(specs, world_sizes=[3], timeout=60, cases=CASES),
+        bnbench.verify([_spec(RAISES)], world_sizes=[3], timeout=60, cases=["dist-uneven-*"]),
+        bnbench.verify([_spec(HANGS)], world_sizes=[3], timeout=20, cases=ZERO_RANK_CASES),
+    ]
+    by_class: dict[str, list] = {name: [] for name in FAITHFUL + BROKEN}
+    for run in runs:
+        for result in run.results:
+            by_class[result.implementation.rpartition(":")[2]].append(result)
+    return by_class
+
+
+def _lines(results) -> str:
+    return "\n".join(f"{r.case}: {r.verdict} {r.message[:200]}" for r in results)
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_broken_sync_batchnorm_fails_the_gate(results_by_class, name):
+    results = results_by_class[name]
+    assert any(r.verdict != Verdict.PASS for r in results), f"{name} passed everything"
+    assert any(r.verdict == Verdict.FAIL for r in results), (
+        f"{name} never failed (only not-supported or other non-pass verdicts):\n{_lines(results)}"
+    )
+
+
+@pytest.mark.parametrize("name", FAITHFUL)
+def test_faithful_sync_batchnorm_passes_the_gate(results_by_class, name):
+    results = results_by_class[name]
+    failed = [r for r in results if r.verdict in (Verdict.FAIL, Verdict.UNEXPECTED_PASS)]
+    assert not failed, f"{name} failed:\n{_lines(failed)}"
+    assert any(r.verdict == Verdict.PASS for r in results), f"{name} passed nothing"
