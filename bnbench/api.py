@@ -270,6 +270,7 @@ def verify(
         timeout = max(timeout, explore_seconds + SHRINK_SECONDS + 60)
     start = time.perf_counter()
     chosen, specs, isolated = prepared or implementations(impls, timeout)
+    _same_kind(chosen, distributed=False)
     if started:
         started(len(chosen) * len(devices) * len(selected))
     try:
@@ -288,6 +289,26 @@ def verify(
     except gate.Interrupted as stopped:
         results, interrupted = stopped.results, True
     return VerifyResult(results, time.perf_counter() - start, interrupted, waivers, chosen)
+
+
+def _same_kind(chosen: list[Implementation], distributed: bool) -> None:
+    """A synchronized BatchNorm named for the single-process gate, or a plain one named with
+    --world-size, would verify nothing: said at once (exit 2), not as a column of
+    not-supported cases beside others that pass."""
+    wrong = [
+        impl.name for impl in chosen if impl.distributed != distributed and not impl.load_error
+    ]
+    if not wrong:
+        return
+    if distributed:
+        raise UsageError(
+            f"--impl {wrong[0]} is not a synchronized BatchNorm (its constructor takes no "
+            "process_group): verify it without --world-size"
+        )
+    raise UsageError(
+        f"--impl {wrong[0]} is a synchronized BatchNorm (nn.SyncBatchNorm's constructor): "
+        "verify it with --world-size N"
+    )
 
 
 def _verify_distributed(
@@ -309,6 +330,7 @@ def _verify_distributed(
     devices = devices_available(devices)
     start = time.perf_counter()
     chosen, specs, isolated = prepared or implementations(impls, timeout, distributed=True)
+    _same_kind(chosen, distributed=True)
     if not isolated:
         raise UsageError(
             "the distributed gate runs each rank in a worker process: give registered names or "
@@ -505,6 +527,7 @@ def _bench_distributed(
         )
     devices = dist_bench.dist_devices(devices)
     chosen, specs, isolated = prepared or implementations(impls, timeout, distributed=True)
+    _same_kind(chosen, distributed=True)
     if not isolated:
         raise UsageError(
             "bench --world-size runs each rank in a worker process: give registered names or "

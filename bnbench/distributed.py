@@ -22,6 +22,7 @@ every rank: ``torchrun ... -m bnbench.torchrun --impl sync``; rank 0 prints the 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -122,6 +123,7 @@ class DistCase:
     offset: float = 0.0  # per-channel |mean| / std when large offsets are the point
     input_grad: bool = True  # False: the input does not require grad (a network's first layer)
     model: str = ""  # a zoo network trained with DDP instead of a single layer
+    bias: bool = True  # False: torch's keyword-only bias=False (a weight, no bias)
     category: str = CATEGORY
 
     @property
@@ -143,6 +145,8 @@ class DistCase:
             momentum=self.momentum,
             affine=self.affine,
             track_running_stats=self.track_running_stats,
+            bias=self.bias,
+            tracking_switched_off="stop-tracking" in self.steps,
             needs_backward=True,
             world_size=world_size,
         )
@@ -184,6 +188,59 @@ def dist_cases() -> list[DistCase]:
             steps=("train",) * 4 + ("eval",),
         ),
         DistCase("affine-false", 4, (5, 3, 2), "affine=False", affine=False),
+        DistCase("bias-false", 4, (5, 3, 2), "bias=False: a weight and no bias", bias=False),
+        DistCase("momentum-0", 4, (5, 3, 2), "momentum=0: running stats never move", momentum=0.0),
+        DistCase(
+            "momentum-1", 2, (5,), "momentum=1: running stats are the last batch's", momentum=1.0
+        ),
+        DistCase(
+            "momentum-assigned",
+            4,
+            (5, 3, 2),
+            "momentum assigned between steps (a schedule), to None and back",
+            steps=(
+                "train",
+                "momentum:0.5",
+                "train",
+                "momentum:None",
+                "train",
+                "train",
+                "momentum:0.9",
+                "train",
+                "eval",
+            ),
+        ),
+        DistCase(
+            "tracking-off",
+            4,
+            (5, 3, 2),
+            "track_running_stats switched off after construction: batch statistics, "
+            "buffers kept and no longer updated",
+            steps=("train", "train", "stop-tracking", "train", "eval"),
+        ),
+        DistCase(
+            "channels-last-c16",
+            4,
+            (16, 3, 3),
+            "channels_last, 16 channels",
+            memory_format="channels_last",
+        ),
+        DistCase(
+            "float16-offset",
+            4,
+            (5, 3, 2),
+            "float16 inputs with |mean| / std = 20",
+            dtype=torch.float16,
+            offset=20.0,
+        ),
+        DistCase(
+            "bfloat16-offset",
+            4,
+            (5, 3, 2),
+            "bfloat16 inputs with |mean| / std = 20",
+            dtype=torch.bfloat16,
+            offset=20.0,
+        ),
         DistCase(
             "no-running-stats",
             4,
@@ -232,7 +289,7 @@ def dist_cases() -> list[DistCase]:
             4,
             (5, 3, 2),
             "eval, train and eval again: eval is local",
-            steps=("eval", "train", "eval", "train", "eval"),
+            steps=("eval", "eval", "train", "eval", "train", "eval"),
         ),
         DistCase(
             "subgroup",
@@ -361,14 +418,32 @@ _COUNTED = (
 ).split()
 
 
+def _collective_ops_mode(calls: list[str]) -> Any:
+    """A dispatch mode that records the c10d and functional-collective ops that pass."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if name.startswith(("c10d.", "_c10d_functional.")) and "wait" not in name:
+                calls.append(name.split(".")[1])
+            return func(*args, **(kwargs or {}))
+
+    return Mode()
+
+
 class count_collectives:
-    """Counts the collectives issued on any process group meanwhile (the ProcessGroup methods
-    every torch.distributed collective goes through, however it was imported)."""
+    """Counts the collectives issued meanwhile: at the ProcessGroup methods every
+    torch.distributed collective goes through (however it was imported) and, in a dispatch
+    mode, the c10d and functional-collective ops (torch.distributed._functional_collectives
+    never reaches those methods). A collective seen both ways counts once per way; any
+    count above zero is what matters."""
 
     def __enter__(self) -> count_collectives:
         import torch.distributed as dist
 
         self.calls: list[str] = []
+        self.ops: list[str] = []
         self._saved: dict[str, Any] = {}
         cls = dist.ProcessGroup
         for name in _COUNTED:
@@ -382,13 +457,21 @@ class count_collectives:
                 return _original.__get__(pg)(*args, **kwargs)
 
             setattr(cls, name, counting)
+        self._mode = _collective_ops_mode(self.ops)
+        self._mode.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         import torch.distributed as dist
 
+        self._mode.__exit__(*exc)
         for name, original in self._saved.items():
             setattr(dist.ProcessGroup, name, original)
+
+    @property
+    def seen(self) -> list[str]:
+        """The collectives seen, by whichever way saw more."""
+        return self.calls if len(self.calls) >= len(self.ops) else self.ops
 
 
 def _describe(exc: BaseException) -> str:
@@ -410,7 +493,8 @@ def _memory_format(case: DistCase, ndim: int):
 
 
 def build_module(impl: Implementation, case: DistCase, world: World) -> nn.Module:
-    kwargs: dict[str, Any] = dict(
+    kwargs: dict[str, Any] = {} if case.bias else {"bias": False}
+    kwargs.update(
         eps=case.eps,
         momentum=case.momentum,
         affine=case.affine,
@@ -464,26 +548,32 @@ def _run_steps(impl: Implementation, case: DistCase, world: World) -> list[str]:
     except Exception as exc:
         raise CaseFailed(f"constructor raised {_describe(exc)}", in_step=False) from exc
     ref = ReferenceBatchNorm(
-        case.num_features, case.eps, case.momentum, case.affine, case.track_running_stats
+        case.num_features,
+        case.eps,
+        case.momentum,
+        case.affine,
+        case.track_running_stats,
+        bias_term=case.bias,
     )
     state = impl.state(module)
     if case.affine:
         weight, bias = _params(case)
         with torch.no_grad():
-            for name, value in (("weight", weight), ("bias", bias)):
+            for name, value in (("weight", weight), ("bias", bias))[: 2 if case.bias else 1]:
                 tensor = state.get(name)
                 if tensor is None:
                     raise CaseFailed(f"{name}: the module has none (affine=True)", in_step=False)
                 tensor.copy_(value.reshape(tensor.shape).to(tensor.dtype))
-        ref.weight, ref.bias = weight.clone(), bias.clone()
+        ref.weight = weight.clone()
+        ref.bias = bias.clone() if case.bias else None
     twin = RANK_TO_BUILTIN[case.rank](
         case.num_features,
         eps=case.eps,
         momentum=case.momentum,
         affine=case.affine,
-        track_running_stats=case.track_running_stats,
         dtype=case.module_dtype,
-    )
+        **({} if case.bias else {"bias": False}),
+    ).eval()  # interface facts only (dtype, memory format): any shard in eval
     problems: list[str] = []
     reported: list[str] = []
     held = {
@@ -493,7 +583,10 @@ def _run_steps(impl: Implementation, case: DistCase, world: World) -> list[str]:
     }
     fmt = _memory_format(case, case.rank)
     dims = [0] + list(range(2, case.rank))
+    earlier: tuple[torch.Tensor, torch.Tensor] | None = None  # the last output, and its copy
     for i, mode in enumerate(case.steps):
+        if _apply_action(mode, module, ref):
+            continue
         training = mode == "train"
         sizes = SPLITS[case.split](W, i) if training else _even(W, i)
         total = sum(sizes)
@@ -511,20 +604,21 @@ def _run_steps(impl: Implementation, case: DistCase, world: World) -> list[str]:
         mine = slice(offset, offset + sizes[r])
         x = _layout(case, x_world[starts[r] : starts[r] + sizes[r]].to(device, case.dtype))
         dy = _layout(case, dy_world[starts[r] : starts[r] + sizes[r]].to(device, case.dtype))
-        x_before = x.clone()
+        x_before, dy_before = x.clone(), dy.clone()
         x_in = x.detach().requires_grad_(training and case.input_grad)
         module.train(training)
         module.zero_grad(set_to_none=True)
         where = f"step {i} ({mode}, shards {sizes})"
-        with count_collectives() as counted:
+        counter = contextlib.nullcontext() if training else count_collectives()
+        with counter as counted:
             try:
                 y = module(x_in)
             except Exception as exc:
                 raise CaseFailed(f"{where}: forward raised {_describe(exc)}", True) from exc
-        if not training and counted.calls:
+        if counted is not None and counted.seen:
             problems.append(
-                f"{where}: called {len(counted.calls)} collective(s) in eval "
-                f"({', '.join(sorted(set(counted.calls)))}); nn.SyncBatchNorm never "
+                f"{where}: called {len(counted.seen)} collective(s) in eval "
+                f"({', '.join(sorted(set(counted.seen)))}); nn.SyncBatchNorm never "
                 "synchronizes in eval"
             )
         if not isinstance(y, torch.Tensor):
@@ -539,8 +633,7 @@ def _run_steps(impl: Implementation, case: DistCase, world: World) -> list[str]:
             y_ref, used = ref.forward(x64, training)
 
         # the interface, as nn.BatchNorm gives it for this shard on this torch
-        if x.shape[0] and i == 0:
-            twin.eval()  # dtype and memory format: the same in both modes, and any batch size
+        if x.shape[0]:
             with torch.no_grad():
                 y_twin = twin(x.detach().clone())
             if y.dtype != y_twin.dtype:
@@ -577,13 +670,6 @@ def _run_steps(impl: Implementation, case: DistCase, world: World) -> list[str]:
                 )
                 if problem:
                     problems.append(f"{where}: {problem}")
-                elif (
-                    fmt is not None
-                    and x_in.grad is not None
-                    and sizes[r]
-                    and not x_in.grad.is_contiguous(memory_format=fmt)
-                ):
-                    problems.append(f"{where}: input grad not in the input's memory format {fmt}")
             if ref_params:
                 # this rank's own contribution: its shard's share of the sums
                 own = (y_ref[mine] * dy64[mine]).sum()
@@ -596,6 +682,10 @@ def _run_steps(impl: Implementation, case: DistCase, world: World) -> list[str]:
                         exp = torch.zeros(case.num_features, dtype=torch.float64)
                     param = state.get(name)
                     actual = None if param is None else param.grad
+                    if actual is None and param is not None and not sizes[r]:
+                        # nn.SyncBatchNorm's backward leaves them None on a rank with no
+                        # samples (autograd reads None as zeros): the same contribution
+                        actual = torch.zeros_like(param)
                     problem = compare_tensors(
                         f"{name} grad (this rank's contribution)",
                         actual,
@@ -611,6 +701,16 @@ def _run_steps(impl: Implementation, case: DistCase, world: World) -> list[str]:
             ref.bias = None if ref.bias is None else ref.bias.detach()
         if not torch.equal(x, x_before):
             problems.append(f"{where}: input modified in place")
+        if not torch.equal(dy, dy_before):
+            problems.append(f"{where}: grad_output modified in place by the backward")
+        if y.numel() and y.untyped_storage().data_ptr() == x_in.untyped_storage().data_ptr():
+            problems.append(f"{where}: output shares memory with the input")
+        if earlier is not None and not torch.equal(earlier[0], earlier[1]):
+            problems.append(
+                f"{where}: the previous step's output changed (an output buffer reused across "
+                "calls)"
+            )
+        earlier = (y, y.detach().clone())
         state_problems: list[str] = []
         _check_state(impl, case, module, ref, state_problems)
         for name, tensor in held.items():
@@ -626,6 +726,23 @@ def _run_steps(impl: Implementation, case: DistCase, world: World) -> list[str]:
         # every step runs on every rank even after one went wrong here: the other ranks' steps
         # wait for this one's collectives; the first step that went wrong says it
     return reported
+
+
+def _apply_action(step: str, module: nn.Module, ref) -> bool:
+    """A step that changes the module between calls, as user code does (True), or a call
+    (False): ``stop-tracking`` sets track_running_stats=False after construction (the buffers
+    stay, and are no longer updated); ``momentum:X`` assigns momentum (None included)."""
+    if step == "stop-tracking":
+        setattr(module, "track_running_stats", False)  # noqa: B010 (nn.Module attribute)
+        ref.stop_tracking()
+        return True
+    if step.startswith("momentum:"):
+        value = step.partition(":")[2]
+        momentum = None if value == "None" else float(value)
+        setattr(module, "momentum", momentum)  # noqa: B010 (nn.Module attribute)
+        ref.momentum = momentum
+        return True
+    return False
 
 
 # Per-rank batch of the DDP cases (even shards: DDP averages the ranks' gradients, which equals
@@ -688,8 +805,8 @@ def _run_ddp(impl: Implementation, case: DistCase, world: World) -> list[str]:
             else:
                 with count_collectives() as counted, torch.no_grad():
                     out = model(x[mine].to(device, torch.float32))
-                if counted.calls:
-                    problems.append(f"{where}: {len(counted.calls)} collective(s) in eval")
+                if counted.seen:
+                    problems.append(f"{where}: {len(counted.seen)} collective(s) in eval")
         except Exception as exc:
             raise CaseFailed(f"{where}: raised {_describe(exc)}", True) from exc
         if training:
@@ -746,7 +863,9 @@ def init_world(
         dist.init_process_group(
             backend, store=store, rank=rank, world_size=world_size, timeout=span
         )
-    harness = dist.new_group(backend="gloo", timeout=span)
+    # bnbench's own barrier and gathers outlast the module's collectives: a rank that raised
+    # still meets the others there after their collective timed out
+    harness = dist.new_group(backend="gloo", timeout=span * 3)
     group, members = None, list(range(world_size))
     for ranks in subgroups(world_size):
         made = dist.new_group(ranks=ranks, timeout=span)
@@ -836,6 +955,7 @@ def run_world(
     timeout: float,
     on_result: Callable[[str, list[RankReport], float], None],
     broken: Callable[[RankReport], bool] = lambda report: report.result is None,
+    restart: Callable[[list[RankReport]], bool] | None = None,
 ) -> None:
     """Run the job ``kind`` over ``items`` on ``world_size`` rank workers in lockstep.
 
@@ -843,7 +963,8 @@ def run_world(
     is at 127.0.0.1:port, keys under prefix). ``on_result(item, reports, seconds)``: one report
     per rank. When a rank's report is ``broken`` (by default: no result: it hung, crashed or
     broke the protocol), the others get GRACE_S to report, then the world is killed and a
-    fresh one runs the remaining items; a world that dies before its first item costs every
+    fresh one runs the remaining items (``restart(reports)``, when given, decides instead
+    whether the world must be replaced); a world that dies before its first item costs every
     remaining item. Raises isolation.Interrupted after isolation.interrupt()."""
     remaining = list(items)
     store = _host_store()
@@ -882,7 +1003,7 @@ def run_world(
                     remaining.clear()
                     break
                 on_result(item, reports, seconds)
-                if any(broken(rep) for rep in reports):
+                if restart(reports) if restart else any(broken(rep) for rep in reports):
                     break  # a fresh world for the rest
         finally:
             for w in workers:
@@ -1034,6 +1155,21 @@ def _is_broken(report: RankReport) -> bool:
     return _rank_outcome(report)[2]
 
 
+def _needs_a_fresh_world(reports: list[RankReport]) -> bool:
+    """Whether the ranks may be out of step after this case. Not when every rank raised the
+    same error at the same point (each raised on its own, none is left inside a collective:
+    a collective that one rank entered cannot complete without the others, so it would be
+    waiting, not raising), nor when nothing was broken."""
+    outcomes = [_rank_outcome(rep) for rep in reports]
+    if not any(broken for _, _, broken in outcomes):
+        return False
+    if all(rep.result is not None for rep in reports):
+        messages = {message for _, message, _ in outcomes}
+        if len(messages) == 1 and not _waited_on_a_peer(next(iter(messages))):
+            return False
+    return True
+
+
 def world_device_problem(device: str, world_size: int) -> str | None:
     """Why a world of ``world_size`` ranks cannot run on ``device`` here (None: it can)."""
     import torch.distributed as dist
@@ -1134,7 +1270,14 @@ def run_dist_gate(
 
                 try:
                     run_world(
-                        "dist-gate", args, runnable, world_size, timeout, received, _is_broken
+                        "dist-gate",
+                        args,
+                        runnable,
+                        world_size,
+                        timeout,
+                        received,
+                        _is_broken,
+                        _needs_a_fresh_world,
                     )
                 except isolation.Interrupted:
                     raise
@@ -1250,19 +1393,39 @@ def torchrun_main(argv: Sequence[str] | None = None) -> int:
     )
     label = device_label(args.device, world_size)
     results: list[gate.Result] = []
+    # Under torchrun no fresh world can be started: after a case that may have left the
+    # module's collectives out of step (a rank raised inside a step), the rest is not run.
+    stopped = ""
     for impl in impls:
         for case in cases:
             start = time.perf_counter()
-            dist.barrier(group=world.harness)
-            reasons = impl.not_supported_reasons(case.config(args.device, world_size))
-            if reasons:
-                mine: dict = {"status": UNSUPPORTED, "message": "; ".join(reasons)}
-                mine["in_step"] = False
+            if stopped:
+                outcome = Outcome(FAIL, stopped)
+                reports = []
             else:
-                mine = run_rank_case(impl, case, world)
-            mine["seconds"] = time.perf_counter() - start
-            reports = [RankReport(r, None) for r in _gather_json(mine, world.harness)]
-            outcome = merge_reports(reports)
+                reasons = impl.not_supported_reasons(case.config(args.device, world_size))
+                if reasons:
+                    mine: dict = {"status": UNSUPPORTED, "message": "; ".join(reasons)}
+                    mine["in_step"] = False
+                else:
+                    mine = run_rank_case(impl, case, world)
+                mine["seconds"] = time.perf_counter() - start
+                try:
+                    dist.barrier(group=world.harness)
+                    reports = [RankReport(r, None) for r in _gather_json(mine, world.harness)]
+                except Exception as exc:  # a rank is gone or stuck: nothing more can run
+                    reports = [RankReport(mine, None)]
+                    stopped = (
+                        f"not run: the ranks could not meet after {case.id} ({_describe(exc)}); "
+                        "bnbench verify --world-size N restarts a world instead"
+                    )
+                outcome = merge_reports(reports)
+                if any(_is_broken(rep) for rep in reports) and not stopped:
+                    stopped = (
+                        f"not run: {impl.name} failed inside a step of {case.id}, which can "
+                        "leave the process group's collectives out of step (under torchrun no "
+                        "fresh world can be started; bnbench verify --world-size N does)"
+                    )
             v, message = gate.verdict(impl, case, outcome)  # type: ignore[arg-type]
             results.append(
                 gate.Result(
@@ -1275,7 +1438,10 @@ def torchrun_main(argv: Sequence[str] | None = None) -> int:
                     case.description,
                     v,
                     message,
-                    round(max(float(r.result["seconds"]) for r in reports if r.result), 4),
+                    round(
+                        max([float(r.result["seconds"]) for r in reports if r.result] or [0.0]),
+                        4,
+                    ),
                 )
             )
     ok = gate.passed(results)
@@ -1291,7 +1457,9 @@ def torchrun_main(argv: Sequence[str] | None = None) -> int:
             outputs[args.json_path] = gate.to_json(results, environment())
         if args.junit_path:
             outputs[args.junit_path] = gate.to_junit(results)
-        write_all_atomic(outputs)
-    dist.barrier(group=world.harness)
-    dist.destroy_process_group()
+        if rank == 0:
+            write_all_atomic(outputs)
+    if not stopped:
+        dist.barrier(group=world.harness)
+        dist.destroy_process_group()
     return 0 if ok else 1

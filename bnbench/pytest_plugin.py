@@ -53,8 +53,8 @@ def _implementations(impls) -> list:
 
     if impls is None or isinstance(impls, (str, Implementation)):
         impls = None if impls is None else [impls]
-    if impls is None:
-        return resolve()
+    if impls is None:  # the single-process gate: synchronized ones need --world-size
+        return [impl for impl in resolve() if not impl.distributed]
     chosen = []
     for impl in impls:
         chosen += [impl] if isinstance(impl, Implementation) else resolve([impl])

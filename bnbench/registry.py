@@ -308,10 +308,20 @@ def takes_process_group(cls: type) -> bool:
     """A synchronized BatchNorm class: nn.SyncBatchNorm, or a constructor with process_group."""
     if issubclass(cls, nn.SyncBatchNorm):
         return True
-    try:
-        return "process_group" in inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        return False
+    # a constructor that forwards *args/**kwargs to a synchronized base counts as the base's
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            parameters = inspect.signature(init).parameters
+        except (TypeError, ValueError):
+            return False
+        if "process_group" in parameters:
+            return True
+        if not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters.values()):
+            return False
+    return False
 
 
 def from_module_class(name: str, cls: type[nn.Module], **declarations) -> Implementation:

@@ -348,6 +348,8 @@ RUN_FILES = (
     "failed-verification.csv",
     "correctness.csv",
     "not-measured.csv",
+    "dist_results.csv",
+    "sync-across-ranks.csv",
 )
 LOCK_NAME = ".bnbench.lock"
 

@@ -513,3 +513,285 @@ BROKEN = [
     "HalfOutputDtypeSyncBN",
     "ContiguousOutputSyncBN",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by a review of the gate (each passed it once; the cases that catch them were added
+# then): configurations the first table never built, eval-only slips, aliasing, functional
+# collectives in eval, and a faithful copy of nn.SyncBatchNorm's own empty-rank backward.
+
+from bnbench.implementations.sync import SyncBatchNorm as _Base  # noqa: E402
+from bnbench.implementations.sync import _SyncBatchNormFunction as _Fn  # noqa: E402
+
+Base, Fn = _Base, _Fn
+
+
+def _sync_active(m):
+    return (
+        m.training
+        and dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size(m.process_group) > 1
+    )
+
+
+# --- A. bias=False: the layer drops the weight when there is no bias ("affine means both")
+class BiasFalseDropsWeight(Base):
+    def forward(self, x):
+        if self.weight is not None and self.bias is None:
+            w = self.weight
+            try:
+                self._parameters["weight"] = None
+                return super().forward(x)
+            finally:
+                self._parameters["weight"] = w
+        return super().forward(x)
+
+
+# --- B. momentum=0 taken as "not given" -> cumulative average (`if not self.momentum:`)
+class MomentumZeroIsNone(Base):
+    def forward(self, x):
+        if self.momentum == 0:
+            self.momentum = None
+            try:
+                return super().forward(x)
+            finally:
+                self.momentum = 0.0
+        return super().forward(x)
+
+
+# --- D. eval path upcasts half inputs and forgets to cast back (dtype checked only at step 0)
+class EvalHalfOutputFloat32(Base):
+    def forward(self, x):
+        if not self.training and x.dtype in (torch.float16, torch.bfloat16):
+            return F.batch_norm(
+                x.float(),
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                self.running_mean is None,
+                0.0,
+                self.eps,
+            )
+        return super().forward(x)
+
+
+# --- E. eval path returns an NCHW output for channels_last input
+class EvalContiguousOutput(Base):
+    def forward(self, x):
+        y = super().forward(x)
+        return y if self.training else y.contiguous()
+
+
+# --- F. updates the running stats whenever they exist, ignoring track_running_stats switched
+# off after construction (nn.BatchNorm: running_mean passed only if track_running_stats)
+class IgnoresTrackingSwitchOff(Base):
+    def forward(self, x):
+        if self.training and not self.track_running_stats and self.running_mean is not None:
+            self.track_running_stats = True
+            try:
+                return super().forward(x)
+            finally:
+                self.track_running_stats = False
+        return super().forward(x)
+
+
+# --- G. eval "keeps ranks consistent" by averaging running stats with functional collectives
+# (value-neutral after synchronized training; a wasted collective per eval layer, and a hang
+# if ranks eval asymmetrically). The collective counter only patches ProcessGroup methods.
+class FuncolEvalSync(Base):
+    def forward(self, x):
+        if not self.training and self.running_mean is not None and dist.is_initialized():
+            import torch.distributed._functional_collectives as fc
+
+            g = self.process_group or dist.group.WORLD
+            n = dist.get_world_size(g)
+            with torch.no_grad():
+                m = fc.wait_tensor(fc.all_reduce(self.running_mean.clone(), "sum", g)) / n
+                v = fc.wait_tensor(fc.all_reduce(self.running_var.clone(), "sum", g)) / n
+                self.running_mean.copy_(m)
+                self.running_var.copy_(v)
+        return super().forward(x)
+
+
+# --- H. momentum read once at construction (a momentum schedule has no effect)
+class CachedMomentum(Base):
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        process_group=None,
+        device=None,
+        dtype=None,
+        **kw,
+    ):
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            process_group,
+            device,
+            dtype,
+            **kw,
+        )
+        self._m0 = self.momentum
+
+    def forward(self, x):
+        cur = self.momentum
+        self.momentum = self._m0
+        try:
+            return super().forward(x)
+        finally:
+            self.momentum = cur
+
+
+# --- I. reuses one output buffer across calls (a previous output is overwritten)
+class ReusedOutputBuffer(Base):
+    def forward(self, x):
+        y = super().forward(x)
+        buf = getattr(self, "_out", None)
+        if buf is None or buf.shape != y.shape or buf.dtype != y.dtype:
+            self._out = buf = torch.empty_like(y)
+        if self.training:
+            return y  # the static buffer is used for inference only
+        with torch.no_grad():
+            buf.copy_(y)
+        return buf
+
+
+# --- J. backward normalises grad_output in place (corrupts a gradient shared with other users)
+class _InplaceDyFn(Fn):
+    @staticmethod
+    def backward(ctx, grad_out):
+        res = Fn.backward(ctx, grad_out)
+        grad_out.mul_(0.5)  # scratch reuse of the incoming gradient
+        return res
+
+
+class MutatesGradOutput(Base):
+    def forward(self, x):
+        if not _sync_active(self):
+            return super().forward(x)
+        f = 1.0 / float(self.num_batches_tracked + 1) if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        return _InplaceDyFn.apply(
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean if self.track_running_stats else None,
+            self.running_var if self.track_running_stats else None,
+            self.eps,
+            f,
+            self.process_group,
+        )
+
+
+# --- K. half inputs: statistics computed in the input precision (float16 accumulation)
+class _HalfStatsFn(Fn):
+    @staticmethod
+    def forward(ctx, x, *rest):
+        import bnbench.implementations.sync as s
+
+        saved = s._HALF
+        s._HALF = ()  # compute dtype = input dtype
+        try:
+            return Fn.forward(ctx, x, *rest)
+        finally:
+            s._HALF = saved
+
+
+class HalfAccumulation(MutatesGradOutput):
+    def forward(self, x):
+        if not _sync_active(self):
+            return Base.forward(self, x)
+        f = 1.0 / float(self.num_batches_tracked + 1) if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        return _HalfStatsFn.apply(
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean if self.track_running_stats else None,
+            self.running_var if self.track_running_stats else None,
+            self.eps,
+            f,
+            self.process_group,
+        )
+
+
+# --- FAITHFUL (false-red probe): exactly nn.SyncBatchNorm's backward on an empty shard:
+# grad_weight / grad_bias left None ("interpreted by the autograd engine as zeros").
+class _TorchEmptyFn(Fn):
+    @staticmethod
+    def backward(ctx, grad_out):
+        gx, gw, gb, *rest = Fn.backward(ctx, grad_out)
+        if ctx.saved_tensors[0].numel() == 0:
+            gw = gb = None
+        return (gx, gw, gb, *rest)
+
+
+class TorchLikeEmptyRankGradNone(Base):
+    def forward(self, x):
+        if not _sync_active(self):
+            return super().forward(x)
+        f = 1.0 / float(self.num_batches_tracked + 1) if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        return _TorchEmptyFn.apply(
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean if self.track_running_stats else None,
+            self.running_var if self.track_running_stats else None,
+            self.eps,
+            f,
+            self.process_group,
+        )
+
+
+# A synchronized BN with a forwarding constructor that never synchronizes: recognized as
+# synchronized through its base's constructor (registry.takes_process_group), then fails.
+class NoSyncStarArgs(_Base):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+
+    def forward(self, x):
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        factor = self.momentum
+        if factor is None:
+            factor = 1.0 / float(self.num_batches_tracked or 1)
+        tracked = self.track_running_stats or not self.training
+        return F.batch_norm(
+            x,
+            self.running_mean if tracked else None,
+            self.running_var if tracked else None,
+            self.weight,
+            self.bias,
+            self.training or self.running_mean is None,
+            factor,
+            self.eps,
+        )
+
+
+FAITHFUL += ["TorchLikeEmptyRankGradNone"]
+BROKEN += [
+    "BiasFalseDropsWeight",
+    "MomentumZeroIsNone",
+    "EvalHalfOutputFloat32",
+    "EvalContiguousOutput",
+    "IgnoresTrackingSwitchOff",
+    "FuncolEvalSync",
+    "CachedMomentum",
+    "ReusedOutputBuffer",
+    "MutatesGradOutput",
+    "HalfAccumulation",
+    "NoSyncStarArgs",
+]

@@ -66,20 +66,29 @@ def test_builtins_at_world_sizes_2_and_3(tmp_path):
 
 
 def test_plain_and_synchronized_kinds_do_not_mix():
-    """Without --world-size a synchronized BN is not supported (and not chosen by default);
-    with it, a plain BN is not supported, each with the reason."""
+    """A synchronized BN named without --world-size, or a plain one named with it, is a usage
+    error that says which to use (it would verify nothing); by default each gate picks its
+    own kind; a forwarding constructor over a synchronized base is recognized as one."""
     from bnbench import api
+    from bnbench.registry import UsageError, takes_process_group
 
     chosen, _, _ = api.implementations(None)
     assert "sync" not in [i.name for i in chosen] and "builtin" in [i.name for i in chosen]
     chosen, _, _ = api.implementations(None, distributed=True)
     assert {i.name for i in chosen} == {"sync", "builtin-sync"}
-    outcome = api.verify("sync", cases=["default-rank4"])
-    assert not outcome.ok
-    assert "--world-size" in outcome.results[0].message
-    outcome = api.verify("builtin", world_sizes=[2], cases=["dist-uneven-rank4"])
-    assert [str(r.verdict) for r in outcome.results] == ["not-supported"]
-    assert "not a synchronized BatchNorm" in outcome.results[0].message
+    with pytest.raises(UsageError, match="verify it with --world-size"):
+        api.verify("sync", cases=["default-rank4"])
+    with pytest.raises(UsageError, match="not a synchronized BatchNorm"):
+        api.verify("builtin", world_sizes=[2], cases=["dist-uneven-rank4"])
+    result = bnbench("verify", "--world-size", "2", "--impl", "builtin")
+    assert result.returncode == 2 and "without --world-size" in result.stderr
+
+    class Forwarding(SyncBatchNorm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    assert takes_process_group(Forwarding) and takes_process_group(nn.SyncBatchNorm)
+    assert not takes_process_group(nn.BatchNorm2d)
 
 
 FAULTS = textwrap.dedent("""
@@ -128,15 +137,18 @@ FAULTS = textwrap.dedent("""
 """).replace("import torch.distributed as dist", "import torch, torch.distributed as dist")
 
 
-def _our_processes(token_env="BNBENCH_WORKER_TOKEN") -> list[int]:
+def _workers_of(directory) -> list[int]:
+    """bnbench workers still running that a run from ``directory`` started (their PYTHONPATH
+    names it: other runs on the machine are not counted)."""
     found = []
     for p in psutil.process_iter(["pid"]):
         try:
             with open(f"/proc/{p.pid}/environ", "rb") as f:
-                if token_env.encode() in f.read():
-                    found.append(p.pid)
+                environ = f.read()
         except OSError:
             continue
+        if b"BNBENCH_WORKER_TOKEN=" in environ and str(directory).encode() in environ:
+            found.append(p.pid)
     return found
 
 
@@ -172,7 +184,7 @@ def test_ranks_that_raise_die_hang_or_lie_cost_their_cases(tmp_path):
     eval_sync = rows[("faults:EvalSync", "dist-uneven-rank4")]
     assert eval_sync["verdict"] == "fail"
     assert "called 1 collective(s) in eval (allreduce)" in eval_sync["message"]
-    assert _our_processes() == []
+    assert _workers_of(tmp_path) == []
 
 
 def test_merge_names_the_culprit_first():
