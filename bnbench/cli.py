@@ -980,6 +980,14 @@ def run(name, reports_dir, impl_specs, devices, sweep_name, baseline):
     with _Signals() as signals:
         try:
             impls, specs, _ = api.implementations(list(impl_specs) or None)
+            if impl_specs:  # the synchronized ones named go to the distributed gate
+                sync = [(i, s) for i, s in zip(impls, specs) if i.distributed]
+                plain = [(i, s) for i, s in zip(impls, specs) if not i.distributed]
+                impls, specs = [i for i, _ in plain], [s for _, s in plain]
+                synchronized = ([i for i, _ in sync], [s for _, s in sync])
+            else:
+                found, found_specs, _ = api.implementations(None, distributed=True)
+                synchronized = (found, found_specs)
             outcome = pipeline.run(
                 impls,
                 specs,
@@ -988,6 +996,7 @@ def run(name, reports_dir, impl_specs, devices, sweep_name, baseline):
                 sweep_name=sweep_name,
                 baseline=baseline,
                 listener=listener,
+                synchronized=synchronized,
             )
         except (UsageError, OutputInUse) as exc:
             raise click.UsageError(str(exc)) from exc

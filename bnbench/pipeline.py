@@ -65,9 +65,12 @@ def run(
     sweep_name: str = "quick",
     baseline: str = "builtin",
     listener: Listener | None = None,
+    synchronized: tuple[list[Implementation], list[str]] = ([], []),
 ) -> RunOutcome:
     """verify.json/.xml, results.csv (the sweep), study.csv/.json and report.html in
-    ``output``."""
+    ``output``. ``synchronized``: synchronized BatchNorms (and their specs), verified by the
+    distributed gate at world size DIST_WORLD_SIZE on CPU, their results in verify.json too
+    (under ``cpu-ws2``); they are not benchmarked here (``bench --world-size`` times them)."""
     from bnbench import benchmark as bench
     from bnbench.report import write_report
     from bnbench.study import QUICK_STUDY, SMOKE_STUDY, write_study
@@ -94,6 +97,26 @@ def run(
         except gate.Interrupted as stopped:
             _write_verify(output, stopped.results, run_id, interrupted=True)
             raise
+        dist_impls, dist_specs = synchronized
+        if dist_impls:
+            from bnbench import distributed
+
+            dist_cases = distributed.dist_cases()
+            say.counting("verify --world-size 2", len(dist_impls) * len(dist_cases))
+            try:
+                results += distributed.run_dist_gate(
+                    dist_impls,
+                    dist_specs,
+                    ["cpu"],
+                    [DIST_WORLD_SIZE],
+                    dist_cases,
+                    progress=lambda r: say.advance(
+                        f"{r.implementation} {r.case}", r.verdict != Verdict.NOT_SUPPORTED
+                    ),
+                )
+            except gate.Interrupted as stopped:
+                _write_verify(output, results + stopped.results, run_id, interrupted=True)
+                raise
         say.verified(results, time.perf_counter() - start)
         _write_verify(output, results, run_id)
         sweep = bench.SWEEPS[sweep_name]
@@ -118,6 +141,10 @@ def run(
         say.stage(4, 4, "report")
         report = write_report([str(output)], output, baseline=baseline)
     return RunOutcome(output, report, results)
+
+
+# The world size the main job verifies synchronized BatchNorms at (on CPU, gloo).
+DIST_WORLD_SIZE = 2
 
 
 def _write_verify(
