@@ -780,7 +780,11 @@ def _run_ddp(impl: Implementation, case: DistCase, world: World) -> list[str]:
             "a CPU module: a CPU synchronized BN for DDP must not subclass nn.SyncBatchNorm"
         )
     try:
-        ddp = DistributedDataParallel(model, device_ids=None if device == "cpu" else [device])
+        # broadcast_buffers=False: each rank keeps its own running statistics, so a rank whose
+        # statistics went wrong is seen (the default would overwrite them with rank 0's)
+        ddp = DistributedDataParallel(
+            model, device_ids=None if device == "cpu" else [device], broadcast_buffers=False
+        )
     except Exception as exc:
         raise CaseFailed(f"DistributedDataParallel(model) raised {_describe(exc)}", True) from exc
     opt = torch.optim.SGD(model.parameters(), lr=DDP_LR)
