@@ -33,6 +33,8 @@ from bnbench.results import environment
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
+    from bnbench.ab import ABResult
+
 # The extras some features need, and the packages that stand for them.
 EXTRAS = {
     "report": ("pandas", "matplotlib", "tabulate", "pydantic"),
@@ -548,4 +550,114 @@ def _bench_distributed(
     )
     return DistBenchResult(
         directory, dist_bench.read_dist_results(directory), time.perf_counter() - start
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# ab
+
+
+def ab(
+    baseline: str,
+    candidate: str,
+    *,
+    sweep: str = "quick",
+    device: str = "cpu",
+    threshold: float | None = None,
+    threads: int | None = None,
+    timeout: float = 120.0,
+    baseline_path: str | os.PathLike | None = None,
+    verify: bool = True,
+    budget: float | None = None,
+    seed: int | None = None,
+    per_case: bool = False,
+    progress: Callable[[Any], None] | None = None,
+) -> ABResult:
+    """Compare two implementations in one time window, as ``bnbench ab`` does: their timed
+    blocks alternate in a randomized order over the sweep's cases, and each case's ratio
+    candidate / baseline comes with an interval from the pairs (bnbench.ab).
+
+    ``baseline``, ``candidate``: registered names or ``MODULE:ATTR`` specs (each side runs in a
+    worker process of its own). ``baseline_path``: a directory the baseline's ``MODULE:ATTR`` is
+    imported from (another checkout of the same module); the candidate's comes from the current
+    directory. ``threshold``: percent (default bnbench.ab.DEFAULT_THRESHOLD_PCT). ``budget``:
+    seconds of pairs per case at most (default: the sweep's). ``per_case``: a single slower case
+    fails the gate too. ``threads``: per side (default 1; both sides pinned to the same CPUs).
+    Ctrl-C returns what finished, with ``interrupted`` set."""
+    import random
+
+    from bnbench import ab as engine
+    from bnbench.results import environment as machine
+
+    for role, spec in (("baseline", baseline), ("candidate", candidate)):
+        if not isinstance(spec, str) or not spec:
+            raise UsageError(
+                f"{role}: give a registered name or MODULE:ATTR (each side runs in a worker "
+                "process: an Implementation object made here cannot be imported there)"
+            )
+    if sweep not in engine.PLANS:
+        raise UsageError(f"sweep {sweep!r}: expected one of {', '.join(engine.PLANS)}")
+    devices = devices_available([device])
+    threshold = engine.DEFAULT_THRESHOLD_PCT if threshold is None else float(threshold)
+    if not (0 <= threshold <= 10_000):
+        raise UsageError(f"--threshold {threshold:g}: expected a percentage from 0 to 10000")
+    if budget is not None and not (0 < budget <= 86_400):
+        raise UsageError(f"--budget {budget:g}: expected seconds above 0")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads {threads}: expected 1 or more")
+    from bnbench.registry import _entry_points
+
+    registered = _entry_points()
+    for spec in (baseline, candidate):
+        if ":" not in spec and spec not in registered:
+            known = ", ".join(sorted(registered)) or "none"
+            raise UsageError(
+                f"unknown implementation {spec!r} (registered: {known}; or give MODULE:ATTR)"
+            )
+    path = os.path.abspath(baseline_path) if baseline_path else ""
+    engine.check_baseline_path(baseline, path)
+    rows = engine.select_rows(sweep, devices[0])
+    if any(row.model for row in rows):
+        require_extra("models")
+    plan = engine.PLANS[sweep]
+    if budget is not None:
+        import dataclasses
+
+        plan = dataclasses.replace(plan, case_budget_s=float(budget))
+    seed = random.SystemRandom().randrange(2**31) if seed is None else int(seed)
+    threads = threads or engine.DEFAULT_THREADS
+    try:
+        run = engine.run_ab(
+            {"baseline": baseline, "candidate": candidate},
+            rows,
+            device=devices[0],
+            threads=threads,
+            plan=plan,
+            threshold_pct=threshold,
+            timeout=timeout,
+            verify=verify,
+            baseline_path=path,
+            seed=seed,
+            progress=progress,
+        )
+    except KeyboardInterrupt as stopped:
+        run = getattr(stopped, "run", None) or engine.ABRun([], {}, 0.0, True)
+    env = machine()
+    env["cpus"] = engine.shared_cpus(threads)
+    return engine.ABResult(
+        baseline=baseline,
+        candidate=candidate,
+        baseline_path=path,
+        device=devices[0],
+        threads=threads,
+        sweep=sweep,
+        threshold_pct=threshold,
+        per_case=per_case,
+        seed=seed,
+        plan=plan,
+        cases=run.cases,
+        files=run.files,
+        seconds=run.seconds,
+        interrupted=run.interrupted,
+        environment=env,
     )

@@ -30,6 +30,7 @@ from bnbench.results import (
     COLUMNS,
     MEASURED,
     SAMPLE_COLUMNS,
+    Flag,
     Status,
     Verdict,
     case_key,
@@ -37,8 +38,10 @@ from bnbench.results import (
     environment,
     file_digest,
     geomean,
+    join_flags,
     new_run_id,
     output_lock,
+    split_flags,
     to_csv,
     write_all_atomic,
 )
@@ -397,7 +400,12 @@ def bench_row(impl: Implementation, device: str, row: Row, sweep: Sweep) -> dict
             "first_call_s": first_call_s,
         }
     samples = timing.measure(
-        step, device, prepare=prepare, budget_s=sweep.budget_s, warmup_s=sweep.warmup_s
+        step,
+        device,
+        prepare=prepare,
+        budget_s=sweep.budget_s,
+        warmup_s=sweep.warmup_s,
+        drop_disturbed=True,
     )
     recompiled = graph_counter() != graphs_after_first_call
     memory, method = timing.peak_memory(
@@ -422,6 +430,18 @@ def bench_row(impl: Implementation, device: str, row: Row, sweep: Sweep) -> dict
         "message": "a graph was compiled while timing: samples include compilation"
         if recompiled
         else "",
+        **timer_report(samples),
+    }
+
+
+def timer_report(samples: timing.Samples) -> dict:
+    """What the timer saw of the machine, as a worker sends it (bnbench.schema.BenchResult)."""
+    ratio = samples.cpu_per_wall
+    return {
+        "disturbed": samples.disturbed,
+        "disturbed_blocks": samples.disturbed_blocks,
+        "cpu_per_wall": round(ratio, 4) if math.isfinite(ratio) and samples.classified else None,
+        "load": samples.load.load1,
     }
 
 
@@ -532,23 +552,113 @@ def validate_result(result: dict) -> tuple[dict, list[float]]:
 
 
 def measure_floor(device: str, dtype: torch.dtype, shape: tuple, budget_s: float) -> dict:
-    """Copy into a preallocated tensor (bytes read + written) and a clone (allocation too)."""
+    """Copy into a preallocated tensor (bytes read + written) and a clone (allocation too),
+    disturbed blocks timed again (bnbench.timing)."""
     xs, _ = _input_sets(shape, dtype, "contiguous", device, requires_grad=False)
     out = torch.empty_like(xs[0])
     k = len(xs)
-    copy = timing.measure(lambda i: out.copy_(xs[i % k]), device, budget_s=budget_s)
-    clone = timing.measure(lambda i: xs[i % k].clone(), device, budget_s=budget_s)
+    copy = timing.measure(
+        lambda i: out.copy_(xs[i % k]), device, budget_s=budget_s, drop_disturbed=True
+    )
+    clone = timing.measure(
+        lambda i: xs[i % k].clone(), device, budget_s=budget_s, drop_disturbed=True
+    )
     nbytes = xs[0].numel() * xs[0].element_size()
-    return {"copy_gbps": 2 * nbytes / copy.median / 1e9, "clone_s": clone.median}
+    return {
+        "copy_gbps": 2 * nbytes / copy.median / 1e9,
+        "copy_s": copy.median,
+        "clone_s": clone.median,
+        "bytes": nbytes,
+        "disturbed": copy.disturbed or clone.disturbed,
+        "flags": [],
+    }
 
 
-def finish_row(base: dict, result: dict, floor: dict | None, threads: int) -> dict:
-    row: dict[str, Any] = {column: "" for column in COLUMNS}
-    row.update({key: value for key, value in base.items() if key in COLUMNS})
-    row.update({key: value for key, value in result.items() if key in COLUMNS})
-    row["threads"] = threads
+# Checks of a sweep's floors. A floor (copy or clone) may not take under FLOOR_SHRINK of the
+# time of a smaller (or equal) tensor's floor of the same device and dtype: moving more bytes
+# is never faster, and a busy machine only ever makes a floor slower, so the slower one of
+# such a pair is the suspect. Its bandwidth (2 x bytes: read and written) must lie between
+# MIN_FLOOR_GBPS, once FLOOR_OVERHEAD_S of per-call overhead is allowed for (it dominates
+# small tensors), and MAX_FLOOR_GBPS (beyond any GPU's memory). Measured on this project's
+# 2-core machine, quiet: 200 KB to 25 MB copies at 45-93 GB/s with 2 threads, 25-70 GB/s with
+# one; with a busy neighbour a 3.2 MB clone read 8 ms (0.8 GB/s), 66x its quiet time.
+FLOOR_SHRINK = 0.6
+MIN_FLOOR_GBPS = 1.0
+FLOOR_OVERHEAD_S = 5e-4
+MAX_FLOOR_GBPS = 10_000.0
+# Times a suspect floor is measured again before it is flagged.
+FLOOR_RETRIES = 2
+# A row timed under this fraction of its copy floor (the same bytes) is faster than memory
+# can feed it; rows between this and 1 / 1.05 are marked cache_effect (from the caches).
+FASTER_THAN_FLOOR = 0.8
+# Flags a row takes from its floor.
+FLOOR_FLAGS = (Flag.FLOOR_NOT_MONOTONE, Flag.FLOOR_IMPLAUSIBLE, Flag.FLOOR_DISTURBED)
+
+
+def check_floors(floors: dict[tuple, dict]) -> dict[tuple, list[str]]:
+    """The flags of each floor (keys ``(device, dtype, shape)``, values measure_floor's):
+    floor-not-monotone (its copy or clone took over 1 / FLOOR_SHRINK times a larger or
+    equal tensor's), floor-implausible (a bandwidth outside MIN_FLOOR_GBPS..MAX_FLOOR_GBPS),
+    floor-disturbed (measured with too few undisturbed blocks)."""
+    flags: dict[tuple, list[str]] = {key: [] for key in floors}
+    groups: dict[tuple, list[tuple]] = {}
+    for key in floors:
+        groups.setdefault((key[0], key[1]), []).append(key)
+    for keys in groups.values():
+        for kind in ("copy_s", "clone_s"):
+            sized = sorted(
+                ((floors[k]["bytes"], floors[k][kind], k) for k in keys if floors[k].get(kind)),
+                key=lambda item: (item[0], item[1]),
+            )
+            for position, (nbytes, seconds, key) in enumerate(sized):
+                # the fastest floor of any larger or equal tensor (other than this one)
+                others = [t for b, t, k in sized[position + 1 :] if b >= nbytes] + [
+                    t for b, t, k in sized[:position] if b == nbytes
+                ]
+                if others and min(others) < FLOOR_SHRINK * seconds:
+                    flags[key].append(Flag.FLOOR_NOT_MONOTONE)
+                slowest = FLOOR_OVERHEAD_S + 2 * nbytes / (MIN_FLOOR_GBPS * 1e9)
+                fastest = 2 * nbytes / (MAX_FLOOR_GBPS * 1e9)
+                if not fastest <= seconds <= slowest:
+                    flags[key].append(Flag.FLOOR_IMPLAUSIBLE)
+    for key, floor in floors.items():
+        if floor.get("disturbed"):
+            flags[key].append(Flag.FLOOR_DISTURBED)
+    return {key: list(dict.fromkeys(found)) for key, found in flags.items()}
+
+
+def measure_floors(
+    device: str,
+    keys: list[tuple[str, tuple]],
+    budget_s: float,
+    measure: Callable[[str, torch.dtype, tuple, float], dict] = measure_floor,
+) -> dict[tuple, dict]:
+    """The floors of ``keys`` ((dtype, shape)) on ``device``, checked (check_floors): a
+    suspect floor is measured again, up to FLOOR_RETRIES times, and one still wrong keeps its
+    flags (``flags``), which its rows take."""
+    floors = {(device,) + key: measure(device, DTYPES[key[0]], key[1], budget_s) for key in keys}
+    for _ in range(FLOOR_RETRIES):
+        suspects = [key for key, found in check_floors(floors).items() if found]
+        if not suspects:
+            break
+        for key in suspects:
+            floors[key] = measure(device, DTYPES[key[1]], key[2], budget_s)
+    for key, found in check_floors(floors).items():
+        floors[key]["flags"] = found
+    return floors
+
+
+def apply_floor(row: dict, floor: dict | None) -> dict:
+    """Set ``row``'s floor columns from ``floor`` (none: cleared) and its flags: its own
+    (disturbed), its floor's, and faster-than-floor when it was timed under FASTER_THAN_FLOOR
+    of the copy floor."""
+    own = [f for f in split_flags(row.get("flags")) if f not in FLOOR_FLAGS]
+    own = [f for f in own if f != Flag.FASTER_THAN_FLOOR]
+    for column in ("gbps", "copy_gbps", "floor_s", "ratio_to_floor", "clone_s", "ratio_to_clone"):
+        row[column] = ""
+    row["cache_effect"] = ""
     if row["status"] in MEASURED and floor and row["bytes"]:
-        median = result["median_s"]
+        median = row["median_s"]
         row["gbps"] = row["bytes"] / median / 1e9
         row["copy_gbps"] = floor["copy_gbps"]
         row["floor_s"] = row["bytes"] / (floor["copy_gbps"] * 1e9)
@@ -557,7 +667,50 @@ def finish_row(base: dict, result: dict, floor: dict | None, threads: int) -> di
         row["ratio_to_clone"] = median / floor["clone_s"]
         # Faster than the memory can feed: the data came from caches.
         row["cache_effect"] = row["gbps"] > 1.05 * floor["copy_gbps"]
+        own += floor.get("flags", [])
+        if row["ratio_to_floor"] < FASTER_THAN_FLOOR:
+            own.append(Flag.FASTER_THAN_FLOOR)
+    row["flags"] = join_flags(own)
     return row
+
+
+def faster_than_floor(row: dict, floor: dict | None) -> bool:
+    """Whether ``row`` (a finished row's columns) would be flagged faster-than-floor."""
+    return Flag.FASTER_THAN_FLOOR.value in split_flags(apply_floor(dict(row), floor)["flags"])
+
+
+def remeasure_floors(
+    floors: dict[tuple, dict],
+    keys: list[tuple],
+    budget_s: float,
+    writer: ResultsWriter,
+    measure: Callable[[str, torch.dtype, tuple, float], dict] = measure_floor,
+) -> None:
+    """Measure again the floors of ``keys`` that a row was timed faster than (the floor is the
+    suspect: a busy machine slows it), after the worker is done (so that neither disturbs the
+    other), check them against the others, and give them to every row already written."""
+    for key in keys:
+        floors[key] = measure(key[0], DTYPES[key[1]], key[2], budget_s)
+    for key in keys:
+        same = {k: floors[k] for k in floors if k[:2] == key[:2]}
+        floors[key]["flags"] = check_floors(same)[key]
+    shapes = {(k[0], k[1], "x".join(map(str, k[2]))): floors[k] for k in keys}
+    for row in writer.rows:
+        floor = shapes.get((row["device"], row["dtype"], row["shape"]))
+        if floor is not None and not row.get("model"):
+            apply_floor(row, floor)
+    writer.flush()
+
+
+def finish_row(base: dict, result: dict, floor: dict | None, threads: int) -> dict:
+    row: dict[str, Any] = {column: "" for column in COLUMNS}
+    row.update({key: value for key, value in base.items() if key in COLUMNS})
+    row.update({key: value for key, value in result.items() if key in COLUMNS})
+    row["threads"] = threads
+    row["flags"] = join_flags(
+        [Flag.DISTURBED] if result.get("disturbed") and row["status"] in MEASURED else []
+    )
+    return apply_floor(row, floor)
 
 
 def base_columns(impl_name: str, device: str, row: Row) -> dict:
@@ -681,13 +834,13 @@ def _run_sweep(impls, specs, devices, sweep, output, threads, timeout, verify, p
     )
     writer = ResultsWriter(output, env)
     floors: dict[tuple, dict] = {}
+    remeasured: set[tuple] = set()  # floors measured again for a row faster than them
     try:
         for device in devices:
-            for key in sorted({(r.dtype, r.shape) for r in rows if not r.model}, key=str):
-                floors[(device,) + key] = measure_floor(
-                    device, DTYPES[key[0]], key[1], sweep.budget_s / 2
-                )
+            keys = sorted({(r.dtype, r.shape) for r in rows if not r.model}, key=str)
+            floors.update(measure_floors(device, keys, sweep.budget_s / 2))
             for impl, spec in zip(impls, specs):
+                suspects: set[tuple] = set()
                 runnable = []
                 for index, row in enumerate(rows):
                     reasons = impl.not_supported_reasons(row.config(device))
@@ -716,7 +869,9 @@ def _run_sweep(impls, specs, devices, sweep, output, threads, timeout, verify, p
                     else:
                         runnable.append(str(index))
 
-                def received(item, result, problem, seconds, impl=impl, device=device):
+                def received(
+                    item, result, problem, seconds, impl=impl, device=device, suspects=suspects
+                ):
                     row = rows[int(item)]
                     samples: list[float] = []
                     if result is not None:
@@ -731,15 +886,13 @@ def _run_sweep(impls, specs, devices, sweep, output, threads, timeout, verify, p
                     else:
                         status = Status.HUNG if problem.startswith("hung") else Status.CRASHED
                         result = {"status": status, "message": problem, "verified": Verdict.NOT_RUN}
-                    writer.add(
-                        finish_row(
-                            base_columns(impl.name, device, row),
-                            result,
-                            floors.get((device, row.dtype, row.shape)),
-                            threads,
-                        ),
-                        samples,
+                    key = (device, row.dtype, row.shape)
+                    finished = finish_row(
+                        base_columns(impl.name, device, row), result, floors.get(key), threads
                     )
+                    if key not in remeasured and faster_than_floor(finished, floors.get(key)):
+                        suspects.add(key)  # measured again once the worker is done
+                    writer.add(finished, samples)
                     if progress:
                         progress(writer.rows[-1])
 
@@ -759,6 +912,9 @@ def _run_sweep(impls, specs, devices, sweep, output, threads, timeout, verify, p
                         timeout,
                         received,
                     )
+                if suspects:
+                    remeasure_floors(floors, sorted(suspects, key=str), sweep.budget_s / 2, writer)
+                    remeasured.update(suspects)
         writer.flush(complete=True, final=True)
     except KeyboardInterrupt:
         writer.flush(complete=False, final=True)
@@ -773,23 +929,43 @@ FAILED_VERIFICATION = (Verdict.FAIL, Verdict.UNEXPECTED_PASS, Verdict.WAIVED)
 
 def summary_lines(rows: list[dict], baseline: str = "builtin") -> list[str]:
     """Per implementation and device: geometric-mean time relative to the baseline
-    implementation and to the floor, over the rows that did not fail verification (those
-    are counted and named as such, with no ratio)."""
+    implementation and to the floor, over the rows that did not fail verification and are not
+    flagged (results.Flag: a measurement not to be trusted). Rows that failed verification are
+    counted and named as such, with no ratio; flagged rows are counted, by flag, first."""
     ok = [r for r in rows if r["status"] == Status.OK]
     failed = [r for r in ok if r.get("verified") in FAILED_VERIFICATION]
     ok = [r for r in ok if r.get("verified") not in FAILED_VERIFICATION]
+    flagged = [r for r in ok if split_flags(r.get("flags"))]
+    ok = [r for r in ok if not split_flags(r.get("flags"))]
     by_case = {case_key(r): r for r in ok if r["implementation"] == baseline}
     lines = []
+    if flagged:
+        counts: dict[str, int] = {}
+        for r in flagged:
+            for flag in split_flags(r.get("flags")):
+                counts[flag] = counts.get(flag, 0) + 1
+        lines.append(
+            f"WARNING: {len(flagged)} measured rows are flagged as unreliable and left out of "
+            "the figures below ("
+            + ", ".join(f"{flag}: {n}" for flag, n in sorted(counts.items()))
+            + "): the machine was busy or a floor is wrong; see the flags column of results.csv"
+        )
     for name, device in dict.fromkeys((r["implementation"], r["device"]) for r in ok):
         mine = [r for r in ok if r["implementation"] == name and r["device"] == device]
         floor = geomean(r["ratio_to_floor"] for r in mine)
         vs_baseline = geomean(
             r["median_s"] / by_case[case_key(r)]["median_s"] for r in mine if case_key(r) in by_case
         )
+        left_out = sum(r["implementation"] == name and r["device"] == device for r in flagged)
         lines.append(
             f"{name}@{device}: {len(mine)} rows, time / {baseline} (geometric mean) "
             f"{vs_baseline:.2f}x, time / floor {floor:.2f}x"
+            + (f" ({left_out} flagged rows left out)" if left_out else "")
         )
+    for name, device in dict.fromkeys((r["implementation"], r["device"]) for r in flagged):
+        if not any(r["implementation"] == name and r["device"] == device for r in ok):
+            n = sum(r["implementation"] == name and r["device"] == device for r in flagged)
+            lines.append(f"{name}@{device}: all {n} measured rows flagged: no figure is given")
     for name, device in dict.fromkeys((r["implementation"], r["device"]) for r in failed):
         n = sum(r["implementation"] == name and r["device"] == device for r in failed)
         lines.append(

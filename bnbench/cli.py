@@ -802,7 +802,9 @@ def report(inputs, output, baseline):
 )
 def compare(baseline, new, threshold, per_case):
     """NEW / BASELINE per implementation and case; exit 1 on a regression or on rows measured in
-    BASELINE but not in NEW, 2 on bad input."""
+    BASELINE but not in NEW, 2 on bad input. Runs made at different times carry the machine's
+    drift between them: to gate a change, prefer `bnbench ab BASELINE CANDIDATE`, which measures
+    both in one run, interleaved; keep compare for history."""
     _need("report")
     from bnbench.regression import LISTED, compare_implementations, printable
     from bnbench.regression import compare as compare_stored
@@ -887,6 +889,220 @@ def compare(baseline, new, threshold, per_case):
     else:
         console.print("[green]no regression[/]")
     sys.exit(1 if regressed or len(lost) or implausible else 0)
+
+
+VERDICT_STYLE = {"slower": "bold red", "faster": "green", "same": "", "unsure": "yellow"}
+
+
+@main.command("ab")
+@click.argument("baseline", metavar="BASELINE")
+@click.argument("candidate", metavar="CANDIDATE")
+@click.option(
+    "--quick",
+    "sweep_name",
+    flag_value="quick",
+    default=True,
+    help="The quick sweep's cases (default): under 2 minutes for one pair on 2 cores.",
+)
+@click.option("--full", "sweep_name", flag_value="full", help="The full sweep's cases.")
+@click.option("--smoke", "sweep_name", flag_value="smoke", help="A few cases in seconds.")
+@click.option(
+    "--threshold",
+    default=None,
+    type=click.FloatRange(min=0, max=10_000),
+    metavar="PCT",
+    help="Percent that counts: slower only when the whole 95% interval lies above "
+    "1 + PCT/100, same when it lies within [1/(1 + PCT/100), 1 + PCT/100]. Default 10.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    help="Write every case (with its raw pairs), the verdicts and the environment as JSON; "
+    "name it ab.json in a results directory and `bnbench report` shows it.",
+)
+@click.option(
+    "--baseline-path",
+    type=click.Path(file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Import the baseline's MODULE:ATTR from DIR (e.g. a worktree of the main branch); "
+    "the candidate's comes from the current directory. Only the baseline's worker sees DIR.",
+)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads per side. Default 1 (both sides pinned to the same CPUs: on a shared "
+    "machine, more threads mostly measure the neighbours).",
+)
+@click.option(
+    "--budget",
+    type=click.FloatRange(min=0.01, max=86_400),
+    default=None,
+    metavar="SECONDS",
+    help="Seconds of pairs per case at most (default: smoke 0.3, quick 1.2, full 3). A case "
+    "stops earlier once its interval decides.",
+)
+@click.option(
+    "--timeout",
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(min=1),
+    help="Seconds a side may take to answer (prepare a case, run a block) before it counts "
+    "as hung.",
+)
+@click.option("--seed", type=int, default=None, help="Seed of the randomized order (recorded).")
+@click.option(
+    "--per-case",
+    is_flag=True,
+    help="Let a single slower case fail the gate too: by default the gate decides on the "
+    "geometric mean over the cases.",
+)
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="Do not run the gate case that vouches for each case (a side that fails it gets no "
+    "speed verdict).",
+)
+def ab_command(
+    baseline,
+    candidate,
+    sweep_name,
+    threshold,
+    json_path,
+    baseline_path,
+    device,
+    threads,
+    budget,
+    timeout,
+    seed,
+    per_case,
+    no_verify,
+):
+    """CANDIDATE / BASELINE, both measured in one run: their timed blocks alternate in a
+    randomized order (two worker processes), and each case's ratio comes with a 95% interval
+    from the pairs. Verdicts per case and overall: faster, slower, same or unsure. Exit 1 when
+    the candidate is slower or failed cases the baseline measured, 2 on bad usage, 130 on
+    Ctrl-C (after writing what finished)."""
+    from bnbench import ab as engine
+
+    _check_outputs(files=(json_path,))
+    console = _console()
+    with _Signals() as signals, _Progress(console, f"ab {sweep_name}") as bar:
+        try:
+            rows = engine.select_rows(sweep_name, device)
+            bar.start(len(rows))
+            outcome = api.ab(
+                baseline,
+                candidate,
+                sweep=sweep_name,
+                device=device,
+                threshold=threshold,
+                threads=threads,
+                timeout=timeout,
+                baseline_path=baseline_path,
+                verify=not no_verify,
+                budget=budget,
+                seed=seed,
+                per_case=per_case,
+                progress=lambda case: bar.advance(
+                    f"{case.key}: {case.verdict or case.status}",
+                    timed=case.status != "not-supported",
+                ),
+            )
+        except UsageError as exc:
+            raise click.UsageError(str(exc)) from exc
+        except KeyboardInterrupt:  # before the first case (loading the implementations)
+            console.print("interrupted", markup=False)
+            sys.exit(signals.exit_code)
+    print_ab(console, outcome)
+    if json_path:
+        write_all_atomic({json_path: outcome.to_json()})
+    if outcome.interrupted:
+        sys.exit(signals.exit_code)
+    sys.exit(0 if outcome.ok else 1)
+
+
+def _times(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return f"{seconds * 1e6:.1f} us" if seconds < 1e-3 else f"{seconds * 1e3:.2f} ms"
+
+
+def print_ab(console: Console, outcome) -> None:
+    """The cases' table, the cases that were not compared, the verdict and the exit's reasons."""
+    from rich.text import Text
+
+    from bnbench import ab as engine
+    from bnbench.regression import printable
+
+    threshold = outcome.threshold_pct
+    table = Table(
+        title=f"{printable(outcome.candidate)} / {printable(outcome.baseline)} "
+        f"({outcome.device}, {outcome.threads} thread(s)): interleaved pairs, 95% intervals, "
+        f"threshold {threshold:g}%",
+        title_justify="left",
+    )
+    for column in ("case", "baseline", "candidate"):
+        table.add_column(column, justify="left" if column == "case" else "right")
+    for column in ("ratio", "95% interval", "pairs", "verdict"):
+        table.add_column(column, justify="right" if column != "verdict" else "left")
+    for case in outcome.cases:
+        if case.status != "ok":
+            continue
+        style = VERDICT_STYLE.get(case.verdict, "")
+        table.add_row(
+            Text(printable(case.key)),
+            Text(_times(case.baseline_s)),
+            Text(_times(case.candidate_s)),
+            Text(f"{case.ratio:.3f}"),
+            Text(f"[{case.ci_low:.3f}, {case.ci_high:.3f}]"),
+            Text(str(case.pairs)),
+            Text(case.verdict, style=style),
+        )
+    if table.row_count:
+        console.print(table)
+    for case in outcome.cases:
+        if case.status == "ok" and case.verdict == "unsure":
+            console.print(
+                f"  unsure: {printable(case.key)}: "
+                + engine.settle_text(case.settle, case.timed_s),
+                markup=False,
+            )
+    for case in outcome.cases:
+        if case.status == "ok":
+            continue
+        style = "red" if case.lost else "dim" if case.status == "not-supported" else "yellow"
+        console.print(
+            f"  {case.status}: {printable(case.key)}: {printable(case.message)[:400]}",
+            style=style,
+            markup=False,
+        )
+    summary = outcome.summary
+    counts = ", ".join(f"{n} {v}" for v, n in summary.counts.items() if n)
+    if summary.ratio is None:
+        console.print(f"nothing compared ({len(outcome.cases)} cases)", markup=False)
+    else:
+        console.print(
+            Text.assemble(
+                f"geometric mean over {summary.cases} cases: {summary.ratio:.3f} "
+                f"[{summary.ci_low:.3f}, {summary.ci_high:.3f}]: ",
+                (summary.verdict, VERDICT_STYLE.get(summary.verdict, "")),
+                f" ({counts}; {outcome.seconds:.0f} s)",
+            )
+        )
+        if summary.verdict == "unsure":
+            timed = sum(c.timed_s for c in outcome.cases if c.status == "ok")
+            console.print(
+                "  unsure: " + engine.settle_text(summary.settle, timed, " overall"),
+                markup=False,
+            )
+    if outcome.ok:
+        console.print("[green]not slower[/]")
+    else:
+        console.print(f"[bold red]FAILED[/] ({escape('; '.join(outcome.reasons()))})")
 
 
 class _ConsoleListener:
@@ -1053,15 +1269,22 @@ def list_command():
             ", ".join(map(str, sorted(impl.supports_ranks))),
             dtypes,
             str(len(impl.deviations)),
-            impl.description,
+            impl.description
+            + (" [synchronized: verify --world-size N]" if impl.distributed else ""),
         )
     console.print(table)
-    cases = all_cases()
-    console.print(f"\n{len(cases)} cases in {len({c.check for c in cases})} checks:")
-    for check in dict.fromkeys(c.check for c in cases):
-        sample = next(c for c in cases if c.check == check)
-        ranks = ",".join(str(c.rank) for c in cases if c.check == check)
-        console.print(f"  {check:<38} ranks {ranks:<8} {sample.description}", markup=False)
+    from bnbench.distributed import dist_cases
+
+    for title, cases in (
+        ("cases", all_cases()),
+        ("distributed cases (verify --world-size N)", dist_cases()),
+    ):
+        checks = len({c.check for c in cases})
+        console.print(f"\n{len(cases)} {title} in {checks} checks:", markup=False)
+        for check in dict.fromkeys(c.check for c in cases):
+            sample = next(c for c in cases if c.check == check)
+            ranks = ",".join(str(c.rank) for c in cases if c.check == check)
+            console.print(f"  {check:<38} ranks {ranks:<8} {sample.description}", markup=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -48,6 +48,7 @@ JOBS = {
     "probe": ("bnbench.registry", "probe_worker"),
     "dist-gate": ("bnbench.distributed", "dist_gate_worker"),
     "dist-bench": ("bnbench.dist_bench", "dist_bench_worker"),
+    "ab": ("bnbench.ab", "ab_worker"),
 }
 
 
@@ -157,6 +158,7 @@ _HARNESS_MODULES = (
     "bnbench.isolation",
     "bnbench.distributed",
     "bnbench.dist_bench",
+    "bnbench.ab",
 )
 _TORCH_FUNCTIONS = (
     "abs allclose as_tensor equal isclose isfinite isnan maximum ones rsqrt sqrt tensor "

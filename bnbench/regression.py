@@ -15,7 +15,9 @@ Everything is vectorized, so that runs of 200,000 rows compare in seconds:
 
 Rows measured in BASELINE but not in NEW (missing, or not measured: error, hung, crashed, nan,
 not-supported) are *lost*: a row that used to work and now crashes is a regression for CI.
-Rows measured only in NEW are listed for information.
+Rows measured only in NEW are listed for information. A case whose row is flagged in either run
+(results.csv ``flags``: a measurement not to be trusted, bnbench.results.Flag) has the verdict
+``flagged``: listed, left out of the implementation's geometric mean, never failing the gate.
 """
 
 from __future__ import annotations
@@ -150,7 +152,7 @@ def compare(
     p20/p80 spreads: flagged only when NEW's p20 exceeds BASELINE's p80 by the threshold.
     """
     base, newer = load(baseline), load(new)
-    columns = KEY + ["status", "median_s", "p20_s", "p80_s", "message"]
+    columns = KEY + ["status", "median_s", "p20_s", "p80_s", "message", "flags"]
     b = _table(base, columns)
     n = _table(newer, columns)
     b_measured = b[b["status"].isin(MEASURED_STATUSES)]
@@ -216,6 +218,7 @@ def compare(
             high[sampled] = np.exp(center + Z95 * se)
             method[sampled] = "order-statistics"
     limit = 1 + threshold_pct / 100
+    flags = _case_flags(common["flags_b"], common["flags_n"])
     cases = pd.DataFrame(
         {
             **{k: common[k] for k in KEY},
@@ -231,12 +234,30 @@ def compare(
             "verdict": np.where(
                 (ratio < 1 / IMPLAUSIBLE_RATIO) | (ratio > IMPLAUSIBLE_RATIO),
                 "implausible",
-                _verdicts(low, high, limit),
+                # a flagged row's figure is not a result: listed, not judged
+                np.where(flags != "", "flagged", _verdicts(low, high, limit)),
             ),
+            "flags": flags,
         }
     )
     cases = cases.sort_values("ratio", ascending=False, kind="stable", ignore_index=True)
     return Comparison(cases, lost, added)
+
+
+def _case_flags(base: pd.Series, new: pd.Series) -> np.ndarray:
+    """Per case, the flags of either run's row, each marked with its run ("BASELINE:disturbed;
+    NEW:faster-than-floor"); empty when neither is flagged."""
+
+    def marked(cells: pd.Series, run: str) -> list[list[str]]:
+        return [
+            [f"{run}:{flag}" for flag in cell.split(";") if flag] if isinstance(cell, str) else []
+            for cell in cells.tolist()
+        ]
+
+    return np.array(
+        [";".join(b + n) for b, n in zip(marked(base, "BASELINE"), marked(new, "NEW"))],
+        dtype=object,
+    ).astype(str)
 
 
 def printable(text: object) -> str:
@@ -254,7 +275,7 @@ def _table(results: Results, columns: list[str]) -> pd.DataFrame:
         if column in rows:
             frame[column] = rows[column]
         else:
-            frame[column] = "" if column == "message" else np.nan
+            frame[column] = "" if column in ("message", "flags") else np.nan
     return frame.reset_index(drop=True)
 
 
@@ -283,7 +304,7 @@ def compare_implementations(
     rng = np.random.default_rng(seed)
     limit = 1 + threshold_pct / 100
     if "verdict" in cases:
-        cases = cases[cases["verdict"] != "implausible"]
+        cases = cases[~cases["verdict"].isin(["implausible", "flagged"])]
     logs = np.log(cases["ratio"].to_numpy(dtype=float))
     group = cases.groupby(["implementation", "device"], sort=False).ngroup().to_numpy()
     groups = int(group.max()) + 1 if len(group) else 0

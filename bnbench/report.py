@@ -135,6 +135,21 @@ def _measured(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["status"] == Status.OK.value]
 
 
+def flagged(frame: pd.DataFrame) -> pd.Series:
+    """Measured rows whose figures are not to be trusted (a non-empty ``flags``: results.Flag):
+    kept out of the headline figures (summary, speed-ups, fastest), listed apart."""
+    if "flags" not in frame:
+        return pd.Series(False, index=frame.index)
+    cells = frame["flags"].astype(object).where(frame["flags"].notna(), "").astype(str)
+    return (frame["status"] == Status.OK.value) & (cells != "")
+
+
+def _headline(frame: pd.DataFrame) -> pd.DataFrame:
+    """The measured rows headline figures are made of: none of them flagged."""
+    ok = _measured(frame)
+    return ok[~flagged(ok)]
+
+
 def _mode_order(modes) -> list[str]:
     """``modes`` in MODES' order, any other after them, sorted."""
     present = set(modes)
@@ -153,8 +168,8 @@ def _baseline_times(ok: pd.DataFrame, baseline: str, keys: list[str]) -> pd.Data
 
 def fastest_table(frame: pd.DataFrame, baseline: str = "builtin") -> pd.DataFrame:
     """Per source and case: the fastest implementation among rows that did not fail
-    verification, its verdict, and its speed-up over the baseline."""
-    ok = _measured(frame)
+    verification and are not flagged, its verdict, and its speed-up over the baseline."""
+    ok = _headline(frame)
     ok = ok[~failed_verification(ok)]
     if ok.empty:
         return pd.DataFrame()
@@ -176,8 +191,8 @@ def fastest_table(frame: pd.DataFrame, baseline: str = "builtin") -> pd.DataFram
 def _row_logs(frame: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """Every measured row with the log of its time relative to the baseline's on the same case
     and the log of its ratio to the bandwidth floor (NaN where there is none, and for rows that
-    failed verification), and whether it failed verification."""
-    ok = _measured(frame)
+    failed verification), and whether it failed verification. Flagged rows are left out."""
+    ok = _headline(frame)
     if ok.empty:
         return pd.DataFrame()
     keys = ["source", *CASE_KEY]
@@ -228,6 +243,64 @@ def failed_verification_table(frame: pd.DataFrame) -> pd.DataFrame:
     table = rows[columns + ["verified", "status"]].copy()
     table["median_ms"] = rows["median_s"] * 1e3
     return table.reset_index(drop=True)
+
+
+FLAGGED_HEADING = "Rows flagged as unreliable measurements"
+FLAGGED_HOW = (
+    "These rows were timed, but their figures are not to be trusted, so no summary, speed-up "
+    "or fastest uses them: disturbed (the machine took the CPU away while timing: too few "
+    "blocks had the process on the CPU throughout), floor-disturbed (the same, for the "
+    "row's copy / clone floor), floor-not-monotone (the floor took longer than a larger "
+    "tensor's, measured again and still so), floor-implausible (the floor's bandwidth is "
+    "beyond what memory does), faster-than-floor (timed under 0.8x the copy of its bytes). "
+    "cpu_per_wall is the timing process's CPU time over wall time (about 1 or more when "
+    "nothing else took the CPU), load the machine's 1-minute load average. Worst first."
+)
+
+
+def flagged_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every flagged row (see flagged), most flags first, then fastest relative to its floor."""
+    rows = frame[flagged(frame)]
+    columns = ["source", "implementation", "device", "mode", "shape", "dtype", "model", "flags"]
+    table = rows[columns].copy()
+    table["median_ms"] = rows["median_s"] * 1e3
+    for column in ("ratio_to_floor", "disturbed_blocks", "repetitions", "cpu_per_wall", "load"):
+        if column in rows:
+            table[column] = rows[column]
+    table = table.assign(
+        _count=table["flags"].str.count(";"),
+        _floor=table["ratio_to_floor"] if "ratio_to_floor" in table else 0.0,
+    )
+    table = table.sort_values(["_count", "_floor"], ascending=[False, True], kind="stable")
+    return table.drop(columns=["_count", "_floor"]).reset_index(drop=True)
+
+
+def flagged_warnings(frame: pd.DataFrame, several: bool) -> list[str]:
+    """One warning per source with flagged rows: how many, by flag, the worst examples and
+    the machine's load while they were timed."""
+    out = []
+    table = flagged_table(frame)
+    for source, group in table.groupby("source", sort=False):
+        counts: dict[str, int] = {}
+        for cell in group["flags"]:
+            for flag in str(cell).split(";"):
+                counts[flag] = counts.get(flag, 0) + 1
+        by_flag = ", ".join(f"{flag}: {n}" for flag, n in sorted(counts.items()))
+        examples = []
+        for r in group.head(3).itertuples():
+            floor = getattr(r, "ratio_to_floor", None)
+            shown = f", {floor:.3g}x its floor" if isinstance(floor, float) and floor > 0 else ""
+            examples.append(f"{r.implementation}@{r.device} {r.mode} {r.shape} ({r.flags}{shown})")
+        load = ""
+        if "load" in group and group["load"].notna().any():
+            load = f"; the 1-minute load average reached {group['load'].max():.2f}"
+        out.append(
+            (f"{source}: " if several else "")
+            + f"{len(group)} measured rows FLAGGED as unreliable ({by_flag}), left out of the "
+            f"summary, speed-ups and fastest{load}; worst: {'; '.join(examples)} (see "
+            f"{FLAGGED_HEADING})"
+        )
+    return out
 
 
 def not_measured_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -440,13 +513,15 @@ def device_summaries(
     verdict_columns = [v.value for v in Verdict]
     lost = frame[~frame["status"].isin([Status.OK.value, Status.NOT_SUPPORTED.value])]
     not_measured = lost.groupby(keys).size().rename("not_measured").reset_index()
+    unreliable = frame[flagged(frame)].groupby(keys).size().rename("flagged").reset_index()
     everyone = pd.concat([frame[keys], counts[keys]], ignore_index=True).drop_duplicates()
     table = (
         everyone.merge(overall, on=keys, how="left")
         .merge(counts, on=keys, how="left")
         .merge(not_measured, on=keys, how="left")
+        .merge(unreliable, on=keys, how="left")
     )
-    for column in ["rows", "failed_verification", "not_measured", *verdict_columns]:
+    for column in ["rows", "failed_verification", "not_measured", "flagged", *verdict_columns]:
         table[column] = table[column].fillna(0).astype("int64")
     with_verify = {r.source for r in results if r.verify}
     verdicts = [
@@ -487,6 +562,8 @@ def device_summaries(
             columns["failed_verification"] = "failed verification"
         if shown["not_measured"].any():
             columns["not_measured"] = "not measured"
+        if shown["flagged"].any():
+            columns["flagged"] = "flagged (left out)"
         columns |= {m: mode_columns[m] for m in present}
         if len(present) > 1:
             columns[tv] = "all modes"
@@ -585,12 +662,14 @@ def _fastest_per_mode(
 def warnings_list(
     frame: pd.DataFrame, results: list[Results], items: pd.DataFrame, notes: list[str]
 ) -> list[str]:
-    """What a reader must know before trusting the summary: each source's notes (an interrupted
-    sweep, a verify.json from another run), a missing verify.json, checks that failed in
+    """What a reader must know before trusting the summary: rows flagged as unreliable
+    measurements (first), each source's notes (an interrupted sweep, a verify.json from
+    another run), a missing verify.json, checks that failed in
     verify.json, rows that failed verification, did not measure or were not supported, and the
     report's own notes (what was left out); at most MAX_WARNINGS lines."""
     several = len(results) > 1
-    out = [n for r in results for n in r.notes]
+    out = flagged_warnings(frame, several)
+    out += [n for r in results for n in r.notes]
 
     def where(source, column) -> str:
         return f"{column} ({source})" if several else str(column)
@@ -1490,10 +1569,12 @@ CSV_NAMES = {
     "speedup": "speedup.csv",
     "fastest": "fastest.csv",
     "failed": "failed-verification.csv",
+    "flagged": "flagged.csv",
     "correctness": "correctness.csv",
     "compile": "compile-cost.csv",
     "problems": "not-measured.csv",
     "dist": "sync-across-ranks.csv",
+    "ab": "ab.csv",
 }
 CORRECTNESS = "Correctness (bnbench verify)"
 
@@ -1538,6 +1619,9 @@ def write_report(inputs: list[str], output: str | os.PathLike, baseline: str = "
         ),
         ("Fastest implementation per case", fastest_table(frame, baseline), CSV_NAMES["fastest"]),
     ]
+    unreliable = flagged_table(frame)
+    if not unreliable.empty:
+        tables.append((FLAGGED_HEADING, unreliable, CSV_NAMES["flagged"]))
     failed = failed_verification_table(frame)
     if not failed.empty:
         tables.append(("Rows that failed verification", failed, CSV_NAMES["failed"]))
@@ -1555,9 +1639,15 @@ def write_report(inputs: list[str], output: str | os.PathLike, baseline: str = "
     if not problems.empty:
         tables.append(("Rows that did not measure", problems, CSV_NAMES["problems"]))
     paragraphs: dict[str, list[str]] = {}
+    if not unreliable.empty:
+        paragraphs[FLAGGED_HEADING] = [FLAGGED_HOW]
     if dist:
         tables.append((DIST_HEADING, dist_table(dist), CSV_NAMES["dist"]))
         paragraphs[DIST_HEADING] = [DIST_HOW]
+    ab = ab_section(results)
+    if ab is not None:
+        tables.append((AB_HEADING, ab[0], CSV_NAMES["ab"]))
+        paragraphs[AB_HEADING] = ab[1]
     tables.append(("Environment", environment_table(results), None))
     studies = []
     for r in results:
@@ -1602,6 +1692,12 @@ def write_report(inputs: list[str], output: str | os.PathLike, baseline: str = "
         "implementation failed verification (verified: fail, unexpected-pass or waived) are "
         "never the fastest nor a speed-up."
     )
+    if not unreliable.empty:
+        intro += (
+            f" WARNING: {len(unreliable)} measured rows are flagged as unreliable measurements "
+            "(a busy machine, or a wrong floor) and left out of every summary figure: see "
+            "Warnings."
+        )
     how = (
         f"Per implementation: its verification verdict (from verify.json), the rows it measured "
         "(and how many failed verification or did not measure), "
@@ -1961,3 +2057,70 @@ def _dist_plots(
             f"{shape}; dashed: local BatchNorm on the same shard)",
             fig,
         )
+
+
+AB_HEADING = "Interleaved A/B (bnbench ab)"
+AB_HOW = (
+    "Both implementations measured in one run, their timed blocks alternating in a randomized "
+    "order, so that the machine's noise hits both alike. Per case: candidate / baseline (the "
+    "Hodges-Lehmann estimate of the pairs' log ratios) with its 95% interval; slower when the "
+    "whole interval lies above 1 + threshold, faster when below its inverse, same when inside, "
+    "unsure otherwise. Times are medians per call."
+)
+
+
+def ab_section(results: list[Results]) -> tuple[pd.DataFrame, list[str]] | None:
+    """The cases of every ``ab.json`` (``bnbench ab --json DIR/ab.json``) in the input
+    directories, and a line per file with its verdict; None when there is none. An unusable
+    ab.json is an input error naming it."""
+    from bnbench.ab import load_document
+    from bnbench.regression import printable
+
+    rows, lines = [], [AB_HOW]
+    for r in results:
+        path = Path(r.path) / "ab.json"
+        if not Path(r.path).is_dir() or not os.path.lexists(path):
+            continue
+        try:
+            doc = load_document(path)
+        except ValueError as exc:
+            raise ReportInputError(str(exc)) from None
+        s = doc.summary
+        figure = (
+            "nothing compared"
+            if s.ratio is None or s.ci_low is None or s.ci_high is None
+            else f"geometric mean {s.ratio:.3f} [{s.ci_low:.3f}, {s.ci_high:.3f}] over "
+            f"{s.cases} cases: {s.verdict}"
+        )
+        where = f" (baseline from {doc.baseline.path})" if doc.baseline.path else ""
+        gate = "not slower" if doc.ok else "FAILED: " + "; ".join(doc.reasons)
+        lines.append(
+            printable(
+                f"{r.source}: {doc.candidate.spec} / {doc.baseline.spec}{where} on {doc.device}, "
+                f"{doc.threads} thread(s), {doc.sweep} sweep, threshold {doc.threshold_pct:g}%: "
+                f"{figure}; {gate}" + (" (interrupted)" if doc.interrupted else "")
+            )
+        )
+        for case in doc.cases:
+            rows.append(
+                {
+                    "source": r.source,
+                    "case": " ".join(
+                        p
+                        for p in (case.mode, case.shape, case.dtype, case.memory_format, case.model)
+                        if p
+                    ),
+                    "status": case.status,
+                    "verdict": case.verdict,
+                    "ratio": case.ratio,
+                    "ci_low": case.ci_low,
+                    "ci_high": case.ci_high,
+                    "pairs": case.pairs,
+                    "baseline_s": case.baseline_s,
+                    "candidate_s": case.candidate_s,
+                    "message": case.message,
+                }
+            )
+    if len(lines) == 1:
+        return None
+    return pd.DataFrame(rows), lines

@@ -85,6 +85,40 @@ VERDICT_LABELS = {
     Verdict.NOT_SUPPORTED: "n/s",
 }
 
+
+class Flag(_Text):
+    """Why a measured row's figures are not to be trusted (results.csv ``flags``, ';'-joined).
+    A flagged row keeps its figures in results.csv but is left out of every headline figure
+    (summaries, speed-ups, the fastest per case, compare's geometric means)."""
+
+    # too few undisturbed blocks (bnbench.timing): the machine took the CPU away while timing
+    DISTURBED = "disturbed"
+    # timed under FASTER_THAN_FLOOR of the copy floor of the same bytes: the floor (or the row)
+    # is wrong, and it stayed so after the floor was measured again
+    FASTER_THAN_FLOOR = "faster-than-floor"
+    # the row's copy or clone floor took longer than a larger tensor's floor (by more than a
+    # margin), measured again and still so
+    FLOOR_NOT_MONOTONE = "floor-not-monotone"
+    # the row's floor implies a bandwidth no memory has (too slow or too fast)
+    FLOOR_IMPLAUSIBLE = "floor-implausible"
+    # the row's floor was measured with too few undisturbed blocks
+    FLOOR_DISTURBED = "floor-disturbed"
+
+
+def join_flags(flags) -> str:
+    """The ``flags`` cell: the distinct codes, in a fixed order (Flag's), ';'-joined."""
+    present = {str(f) for f in flags if f}
+    order = [f.value for f in Flag]
+    return ";".join(sorted(present, key=lambda f: (order.index(f) if f in order else 99, f)))
+
+
+def split_flags(cell: object) -> list[str]:
+    """The codes of a ``flags`` cell (empty, None or NaN: none)."""
+    if not isinstance(cell, str):
+        return []
+    return [f for f in cell.split(";") if f]
+
+
 # What a benchmark row measures (a whole model's training step has a model name; BatchNorm
 # layer rows have none); with the implementation, the key of a row.
 CASE_KEY = ("device", "dtype", "mode", "shape", "memory_format", "model")
@@ -103,6 +137,7 @@ COLUMNS = [
     "memory_format",
     "status",
     "verified",
+    "flags",
     "median_s",
     "p20_s",
     "p80_s",
@@ -124,6 +159,9 @@ COLUMNS = [
     "graphs_compiled",
     "recompiled_while_timing",
     "threads",
+    "disturbed_blocks",
+    "cpu_per_wall",
+    "load",
     "model",
     "message",
 ]
@@ -141,6 +179,8 @@ NUMERIC = {
     "ratio_to_clone",
     "first_call_s",
     "compile_s",
+    "cpu_per_wall",
+    "load",
 }
 INTEGER = {
     "batch_size",
@@ -152,6 +192,7 @@ INTEGER = {
     "peak_memory_bytes",
     "graphs_compiled",
     "threads",
+    "disturbed_blocks",
 }
 
 
@@ -346,9 +387,12 @@ RUN_FILES = (
     "fastest.csv",
     "speedup.csv",
     "failed-verification.csv",
+    "flagged.csv",
     "correctness.csv",
     "not-measured.csv",
     "dist_results.csv",
+    "ab.json",
+    "ab.csv",
     "sync-across-ranks.csv",
 )
 LOCK_NAME = ".bnbench.lock"

@@ -78,6 +78,8 @@ NON_EMPTY = ["implementation", "device", "dtype", "mode", "shape", "memory_forma
 POSITIVE_INTEGER = ["batch_size", "channels"]
 # Per-sample identity columns of samples.csv, checked against the results row they point at.
 SAMPLE_IDENTITY = ["implementation", "device", "mode", "shape", "dtype"]
+# A flags cell: empty, or short codes (results.Flag; a later version may add codes) joined by ';'.
+FLAGS_PATTERN = r"(?:[a-z][a-z0-9-]{0,39}(?:;[a-z][a-z0-9-]{0,39}){0,15})?"
 # Integers beyond this are not exact in float64; no count bnbench writes comes near it.
 MAX_INTEGER = 2**53
 
@@ -495,6 +497,19 @@ def validate_results(table: Table) -> pd.DataFrame:
         )
     else:
         frame["verified"] = ""
+    # results written before rows were flagged have no flags column: nothing flagged
+    if "flags" in frame:
+        flags = frame["flags"].astype(object).where(frame["flags"].notna(), "").astype(str)
+        _fail(
+            table,
+            "flags",
+            ~flags.str.fullmatch(FLAGS_PATTERN),
+            flags,
+            "is not a ';'-joined list of flags (lower-case words joined by '-')",
+        )
+        frame["flags"] = flags
+    else:
+        frame["flags"] = ""
     _check_integers(table, [c for c in frame if c in INTEGER], POSITIVE_INTEGER)
     measured = status.isin(MEASURED_STATUSES)
     median = frame["median_s"]

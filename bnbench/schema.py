@@ -52,6 +52,12 @@ class BenchResult(BaseModel):
     compile_s: NonNegative | None = None
     graphs_compiled: Count | None = None
     recompiled_while_timing: bool | None = None
+    # what the timer saw of the machine (bnbench.timing): too few undisturbed blocks, how many
+    # blocks were disturbed, the process's CPU time over wall time, the 1-minute load average
+    disturbed: bool | None = None
+    disturbed_blocks: Count | None = None
+    cpu_per_wall: Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)] | None = None
+    load: Annotated[float, Field(ge=0, le=1_000_000, allow_inf_nan=False)] | None = None
 
     @field_validator("message", "memory_method")
     @classmethod

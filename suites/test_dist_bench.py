@@ -54,11 +54,11 @@ def _rows(directory) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """``bnbench bench --world-size 1 --world-size 2 --smoke`` for sync and for builtin."""
+    """``bnbench bench --world-size 1 --world-size 2 --smoke`` for sync."""
     out = tmp_path_factory.mktemp("dist") / "out"
     result = cli(
         "bench", "--world-size", "1", "--world-size", "2", "--smoke", "--impl", "sync",
-        "--impl", "builtin", "--output", str(out), "--timeout", "60",
+        "--output", str(out), "--timeout", "60",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     return out, result.stdout
@@ -90,21 +90,22 @@ def test_rows_columns_and_communication_share(smoke):
     assert env["files"][DIST_RESULTS]["sha256"] == digest
 
 
-def test_a_non_synchronized_implementation_is_not_supported_with_the_reason(smoke):
-    out, stdout = smoke
-    rows = [r for r in _rows(out) if r["implementation"] == "builtin"]
-    assert len(rows) == 6
-    for r in rows:
-        assert r["status"] == "not-supported" and "not a synchronized BatchNorm" in r["message"]
-        assert r["median_s"] == ""
-    assert "not supported: builtin@cpu x2: not a synchronized BatchNorm" in stdout
+def test_a_non_synchronized_implementation_is_a_usage_error(tmp_path):
+    """A plain BatchNorm named with --world-size would time nothing: exit 2 saying why."""
+    result = cli(
+        "bench", "--world-size", "2", "--smoke", "--impl", "builtin",
+        "--output", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "not a synchronized BatchNorm" in result.stderr
+    assert not (tmp_path / "out" / DIST_RESULTS).exists()
 
 
 def test_the_table_shows_each_world_size_against_one_rank_and_local(smoke):
     out, stdout = smoke
     for header in ("ranks", "vs 1 rank", "vs local BN", "comm share", "8x16x8x8"):
         assert header in stdout, stdout
-    assert "12 rows in" in stdout and DIST_RESULTS in stdout
+    assert "6 rows in" in stdout and DIST_RESULTS in stdout
 
 
 def test_cuda_without_a_gpu_per_rank_is_not_supported(tmp_path):

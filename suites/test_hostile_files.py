@@ -410,7 +410,8 @@ def corrupt_csv(d: Path, name: str, edit) -> None:
         # a truncated last row (a run killed mid-write, an editor)
         (
             lambda b: b.rstrip(b"\n").rsplit(b",", 3)[0] + b"\n",
-            "row 12 (line 13): 32 fields, the header has 35 (a truncated row?)",
+            f"row 12 (line 13): {len(COLUMNS) - 3} fields, the header has {len(COLUMNS)} "
+            "(a truncated row?)",
         ),
         (lambda b: b.replace(b"ok,pass", b"ok,pa\0ss", 1), "line 2: a NUL byte"),
         (lambda b: b.replace(b"\n", b"\n\xff", 1), "line 2: not UTF-8 text"),
@@ -449,7 +450,7 @@ def corrupt_csv(d: Path, name: str, edit) -> None:
         (lambda b: b.replace(b",float32,", b",,", 1), "row 1 (line 2), dtype: '' is required"),
         (
             lambda b: b.replace(b"message\n", b"message,extra\n", 1),
-            "row 1 (line 2): 35 fields, the header has 36",
+            f"row 1 (line 2): {len(COLUMNS)} fields, the header has {len(COLUMNS) + 1}",
         ),
     ],
 )
