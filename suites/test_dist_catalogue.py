@@ -1,7 +1,7 @@
 """The distributed gate judges the synchronized BatchNorm catalogue (suites/dist_catalogue.py)
 right: every BROKEN class fails somewhere (a real fail, not just "not supported"), every
-FAITHFUL one passes and fails nothing. World size 3 only, to keep the time down; the class
-that hangs its peers runs alone, with a short deadline, on the cases with a 0-sample rank."""
+FAITHFUL one passes and fails nothing. At world size 2; at 3 for what needs a subgroup of two
+ranks and for the two classes that leave their peers inside a collective, on a few cases."""
 
 from __future__ import annotations
 
@@ -15,7 +15,13 @@ from bnbench.distributed import dist_cases
 from bnbench.results import Verdict
 
 HANGS = "ZeroRankSkipsCollectiveSyncBN"  # its peers wait in a collective until the deadline
-RAISES = "RaisingRankSyncBN"  # every case it fails ends its world: a fresh one per case
+RAISES = "RaisingRankSyncBN"
+# wrong only in a subgroup of two ranks out of three (at two ranks each subgroup is one rank,
+# which runs locally)
+NEED_THREE = (
+    "GlobalRankIndexSyncBN",
+    "WorldSizeGatherSyncBN",
+)  # every case it fails ends its world: a fresh one per case
 ZERO_RANK_CASES = ["dist-empty-rank-rank4"]  # the gate's cases with a 0-sample rank
 # The cases that catch each broken class (see its docstring), so that the default test run
 # stays short; BNBENCH_FULL_CATALOGUE=1 runs every distributed case but the DDP trainings.
@@ -52,16 +58,19 @@ def _spec(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def results_by_class() -> dict[str, list]:
-    specs = [_spec(name) for name in FAITHFUL + BROKEN if name not in (HANGS, RAISES)]
+    apart = (HANGS, RAISES, *NEED_THREE)
+    specs = [_spec(name) for name in FAITHFUL + BROKEN if name not in apart]
     runs = [
-        bnbench.verify(specs, world_sizes=[3], timeout=60, cases=CASES),
-        # the two that leave their peers inside a collective: each case they fail costs a
-        # fresh world (and a collective timeout for the one that skips collectives)
+        # two ranks: one process per core, the quickest world that shows the rest
+        bnbench.verify(specs, world_sizes=[2], timeout=60, cases=CASES),
+        # three ranks: a subgroup of two non-adjacent ranks (a group rank is not the global
+        # rank); and the two that leave their peers inside a collective, whose every failed
+        # case costs a fresh world (and a collective timeout for the one that skips them)
         bnbench.verify(
-            [_spec(RAISES), _spec(HANGS)],
+            [_spec(name) for name in (*NEED_THREE, RAISES, HANGS)],
             world_sizes=[3],
             timeout=20,
-            cases=["dist-uneven-rank4", *ZERO_RANK_CASES],
+            cases=["dist-subgroup-rank4", "dist-uneven-rank4", *ZERO_RANK_CASES],
         ),
     ]
     by_class: dict[str, list] = {name: [] for name in FAITHFUL + BROKEN}
