@@ -27,7 +27,6 @@ fresh world runs the remaining rows.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import json
 import math
@@ -413,24 +412,13 @@ def dist_bench_worker(
 
     from bnbench.benchmark import Row
     from bnbench.checks import tolerant_constructor
-    from bnbench.distributed import _loopback_env, init_world
+    from bnbench.distributed import join_world
     from bnbench.registry import resolve
 
     torch.set_num_threads(threads)
-    _loopback_env()
-    store = dist.PrefixStore(
-        prefix,
-        dist.TCPStore(
-            "127.0.0.1",
-            port,
-            world_size,
-            is_master=False,
-            timeout=datetime.timedelta(seconds=collective_timeout * 4),
-        ),
-    )
     impl = _whole_world(tolerant_constructor(resolve([spec])[0]))
     local = resolve([LOCAL])[0]
-    world = init_world(device, world_size, rank, store, collective_timeout)
+    world = join_world(device, world_size, rank, port, prefix, collective_timeout)
     rows = [Row.from_dict(r) for r in json.loads(rows_json)]
     for item in items:
         channel.start(item)

@@ -878,6 +878,27 @@ def init_world(
     return World(rank, world_size, device, group, members, harness)
 
 
+def join_world(
+    device: str, world_size: int, rank: int, port: int, prefix: str, collective_timeout: float
+) -> World:
+    """A rank worker's way in: the parent's store at 127.0.0.1:port (keys under ``prefix``, one
+    per world), gloo on the loopback interface, then :func:`init_world`."""
+    import torch.distributed as dist
+
+    _loopback_env()
+    store = dist.PrefixStore(
+        prefix,
+        dist.TCPStore(
+            "127.0.0.1",
+            port,
+            world_size,
+            is_master=False,
+            timeout=datetime.timedelta(seconds=collective_timeout * 4),
+        ),
+    )
+    return init_world(device, world_size, rank, store, collective_timeout)
+
+
 def _loopback_env() -> None:
     """gloo on 127.0.0.1 only: its sockets on the loopback interface."""
     if sys.platform.startswith("linux") and os.path.exists("/sys/class/net/lo"):
@@ -906,18 +927,7 @@ def dist_gate_worker(
     from bnbench.registry import resolve
 
     torch.set_num_threads(threads)
-    _loopback_env()
-    store = dist.PrefixStore(
-        prefix,
-        dist.TCPStore(
-            "127.0.0.1",
-            port,
-            world_size,
-            is_master=False,
-            timeout=datetime.timedelta(seconds=collective_timeout * 4),
-        ),
-    )
-    world = init_world(device, world_size, rank, store, collective_timeout)
+    world = join_world(device, world_size, rank, port, prefix, collective_timeout)
     cases = case_by_id()
     loaded: dict[int, Implementation] = {}
     for item in items:
