@@ -144,6 +144,9 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     Not a subclass of nn.SyncBatchNorm: DistributedDataParallel refuses nn.SyncBatchNorm layers
     in a CPU module ("SyncBatchNorm layers only work with GPU modules")."""
 
+    # the autograd Function that synchronizes (a variant replaces only this)
+    _function: type[torch.autograd.Function] = _SyncBatchNormFunction
+
     def __init__(
         self,
         num_features: int,
@@ -207,7 +210,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             )
         if self.eps <= 0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
-        return _SyncBatchNormFunction.apply(
+        return self._function.apply(
             input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group
         )
 

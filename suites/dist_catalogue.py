@@ -526,15 +526,6 @@ from bnbench.implementations.sync import _SyncBatchNormFunction as _Fn  # noqa: 
 Base, Fn = _Base, _Fn
 
 
-def _sync_active(m):
-    return (
-        m.training
-        and dist.is_available()
-        and dist.is_initialized()
-        and dist.get_world_size(m.process_group) > 1
-    )
-
-
 # --- A. bias=False: the layer drops the weight when there is no bias ("affine means both")
 class BiasFalseDropsWeight(Base):
     def forward(self, x):
@@ -675,22 +666,7 @@ class _InplaceDyFn(Fn):
 
 
 class MutatesGradOutput(Base):
-    def forward(self, x):
-        if not _sync_active(self):
-            return super().forward(x)
-        f = 1.0 / float(self.num_batches_tracked + 1) if self.momentum is None else self.momentum
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-        return _InplaceDyFn.apply(
-            x,
-            self.weight,
-            self.bias,
-            self.running_mean if self.track_running_stats else None,
-            self.running_var if self.track_running_stats else None,
-            self.eps,
-            f,
-            self.process_group,
-        )
+    _function = _InplaceDyFn
 
 
 # --- K. half inputs: statistics computed in the input precision (float16 accumulation)
@@ -707,23 +683,8 @@ class _HalfStatsFn(Fn):
             s._HALF = saved
 
 
-class HalfAccumulation(MutatesGradOutput):
-    def forward(self, x):
-        if not _sync_active(self):
-            return Base.forward(self, x)
-        f = 1.0 / float(self.num_batches_tracked + 1) if self.momentum is None else self.momentum
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-        return _HalfStatsFn.apply(
-            x,
-            self.weight,
-            self.bias,
-            self.running_mean if self.track_running_stats else None,
-            self.running_var if self.track_running_stats else None,
-            self.eps,
-            f,
-            self.process_group,
-        )
+class HalfAccumulation(Base):
+    _function = _HalfStatsFn
 
 
 # --- FAITHFUL (false-red probe): exactly nn.SyncBatchNorm's backward on an empty shard:
@@ -738,22 +699,7 @@ class _TorchEmptyFn(Fn):
 
 
 class TorchLikeEmptyRankGradNone(Base):
-    def forward(self, x):
-        if not _sync_active(self):
-            return super().forward(x)
-        f = 1.0 / float(self.num_batches_tracked + 1) if self.momentum is None else self.momentum
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-        return _TorchEmptyFn.apply(
-            x,
-            self.weight,
-            self.bias,
-            self.running_mean if self.track_running_stats else None,
-            self.running_var if self.track_running_stats else None,
-            self.eps,
-            f,
-            self.process_group,
-        )
+    _function = _TorchEmptyFn
 
 
 # A synchronized BN with a forwarding constructor that never synchronizes: recognized as
