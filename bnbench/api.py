@@ -362,16 +362,34 @@ def _verify_distributed(
 
 
 @dataclass
-class BenchResult:
-    """A benchmark run: its directory (results.csv, samples.csv, environment.json) and rows."""
+class _TimedRows:
+    """What a timing run wrote: its directory, its rows, how long it took."""
 
     directory: Path
     rows: list[dict[str, Any]]
     seconds: float
 
     def to_frame(self) -> pd.DataFrame:
-        """results.csv as a DataFrame (pandas, the 'report' extra)."""
+        """The rows (the run's results table) as a DataFrame (pandas, the 'report' extra)."""
         return _frame(self.rows)
+
+    @property
+    def problems(self) -> list[dict[str, Any]]:
+        """Rows that did not measure (error, nan, hung, crashed)."""
+        from bnbench.results import Status
+
+        return [r for r in self.rows if r["status"] not in (Status.OK, Status.NOT_SUPPORTED)]
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {len(self.rows)} rows ({len(self.problems)} not measured) "
+            f"in {self.directory}, {self.seconds:.0f} s>"
+        )
+
+
+@dataclass(repr=False)
+class BenchResult(_TimedRows):
+    """A benchmark run: its directory (results.csv, samples.csv, environment.json) and rows."""
 
     def samples_frame(self) -> pd.DataFrame:
         """samples.csv (every raw sample, keyed by row) as a DataFrame."""
@@ -385,19 +403,6 @@ class BenchResult:
         from bnbench.benchmark import summary_lines
 
         return summary_lines(self.rows, baseline)
-
-    @property
-    def problems(self) -> list[dict[str, Any]]:
-        """Rows that did not measure (error, nan, hung, crashed)."""
-        from bnbench.results import Status
-
-        return [r for r in self.rows if r["status"] not in (Status.OK, Status.NOT_SUPPORTED)]
-
-    def __repr__(self) -> str:
-        return (
-            f"<BenchResult {len(self.rows)} rows ({len(self.problems)} not measured) in "
-            f"{self.directory}, {self.seconds:.0f} s>"
-        )
 
 
 def bench(
@@ -472,19 +477,11 @@ def bench(
     return BenchResult(directory, rows, time.perf_counter() - start)
 
 
-@dataclass
-class DistBenchResult:
+@dataclass(repr=False)
+class DistBenchResult(_TimedRows):
     """A run of synchronized BatchNorms across ranks (``bench(..., world_sizes=...)``): its
     directory (dist_results.csv, environment.json) and rows, one per implementation, device,
     world size, per-rank shape and mode."""
-
-    directory: Path
-    rows: list[dict[str, Any]]
-    seconds: float
-
-    def to_frame(self) -> pd.DataFrame:
-        """dist_results.csv as a DataFrame (pandas, the 'report' extra)."""
-        return _frame(self.rows)
 
     def scaling(self) -> list[dict[str, Any]]:
         """The measured rows with their time relative to world size 1 and to local
@@ -499,19 +496,6 @@ class DistBenchResult:
         from bnbench.dist_bench import summary_lines
 
         return summary_lines(self.rows)
-
-    @property
-    def problems(self) -> list[dict[str, Any]]:
-        """Rows that did not measure (error, nan, hung, crashed)."""
-        from bnbench.results import Status
-
-        return [r for r in self.rows if r["status"] not in (Status.OK, Status.NOT_SUPPORTED)]
-
-    def __repr__(self) -> str:
-        return (
-            f"<DistBenchResult {len(self.rows)} rows ({len(self.problems)} not measured) in "
-            f"{self.directory}, {self.seconds:.0f} s>"
-        )
 
 
 def _bench_distributed(
