@@ -1224,28 +1224,13 @@ def run_dist_gate(
     """Every case for every (implementation, device, world size); gate.Result objects whose
     device is ``cpu-ws2``. Worlds run one after the other (each uses world_size processes)."""
     from bnbench import gate
-    from bnbench.gate import Result, verdict, waive
+    from bnbench.gate import Result
 
     results: list[Result] = []
     threads = max(1, (os.cpu_count() or 1) // max(world_sizes))
 
     def record(impl: Implementation, label: str, case: DistCase, outcome: Outcome, secs: float):
-        v, message = verdict(impl, case, outcome)  # type: ignore[arg-type]
-        result = waive(
-            Result(
-                impl.name,
-                label,
-                case.id,
-                case.check,
-                case.category,
-                case.rank,
-                case.description,
-                v,
-                message,
-                round(secs, 4),
-            ),
-            waivers,
-        )
+        result = gate.judged(impl, label, case, outcome, secs, waivers)
         results.append(result)
         if progress:
             progress(result)
@@ -1440,24 +1425,8 @@ def torchrun_main(argv: Sequence[str] | None = None) -> int:
                         "leave the process group's collectives out of step (under torchrun no "
                         "fresh world can be started; bnbench verify --world-size N does)"
                     )
-            v, message = gate.verdict(impl, case, outcome)  # type: ignore[arg-type]
-            results.append(
-                gate.Result(
-                    impl.name,
-                    label,
-                    case.id,
-                    case.check,
-                    case.category,
-                    case.rank,
-                    case.description,
-                    v,
-                    message,
-                    round(
-                        max([float(r.result["seconds"]) for r in reports if r.result] or [0.0]),
-                        4,
-                    ),
-                )
-            )
+            seconds = max([float(r.result["seconds"]) for r in reports if r.result] or [0.0])
+            results.append(gate.judged(impl, label, case, outcome, seconds))
     ok = gate.passed(results)
     if rank == 0:
         from bnbench.cli import _console, print_details, print_matrix, print_summary

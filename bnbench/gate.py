@@ -127,7 +127,7 @@ def unused_waivers(results: Iterable[Result], waivers: Sequence[Waiver]) -> list
     return [w for w in waivers if w not in used]
 
 
-def verdict(impl: Implementation, case: Case, outcome: Outcome) -> tuple[Verdict, str]:
+def verdict(impl: Implementation, case: Case | DistCase, outcome: Outcome) -> tuple[Verdict, str]:
     """Apply declared deviations: (verdict, message)."""
     if outcome.status == UNSUPPORTED:
         return Verdict.NOT_SUPPORTED, outcome.message
@@ -140,6 +140,34 @@ def verdict(impl: Implementation, case: Case, outcome: Outcome) -> tuple[Verdict
             f"declared deviation passed (remove the declaration?): {reason}",
         )
     return Verdict.DEVIATION, f"{reason}\n{outcome.message}"
+
+
+def judged(
+    impl: Implementation,
+    device: str,
+    case: Case | DistCase,
+    outcome: Outcome,
+    seconds: float,
+    waivers: Sequence[Waiver] = (),
+) -> Result:
+    """The Result of ``case`` on ``impl``: its outcome after declared deviations
+    (:func:`verdict`) and then ``waivers`` (:func:`waive`)."""
+    v, message = verdict(impl, case, outcome)
+    return waive(
+        Result(
+            impl.name,
+            device,
+            case.id,
+            case.check,
+            case.category or category_of(case.check),
+            case.rank,
+            case.description,
+            v,
+            message,
+            round(seconds, 4),
+        ),
+        waivers,
+    )
 
 
 def passed(results: Sequence[Result]) -> bool:
@@ -262,24 +290,8 @@ def run_gate(
     results: dict[tuple[str, str, str], Result] = {}
 
     def record(impl: Implementation, device: str, case_id: str, outcome: Outcome, seconds: float):
-        case = by_id[case_id]
-        v, message = verdict(impl, case, outcome)
-        result = waive(
-            Result(
-                impl.name,
-                device,
-                case.id,
-                case.check,
-                case.category or category_of(case.check),
-                case.rank,
-                case.description,
-                v,
-                message,
-                round(seconds, 4),
-            ),
-            waivers,
-        )
-        results[(impl.name, device, case.id)] = result
+        result = judged(impl, device, by_id[case_id], outcome, seconds, waivers)
+        results[(impl.name, device, case_id)] = result
         if progress:
             progress(result)
 
