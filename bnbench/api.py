@@ -216,6 +216,62 @@ def devices_available(requested: Iterable[str] = ()) -> list[str]:
     return list(dict.fromkeys(requested))
 
 
+def bench_sweep(
+    name: str,
+    cache: str = "cold",
+    dtypes: Sequence[str] = (),
+    modes: Sequence[str] = (),
+    memory_formats: Sequence[str] = (),
+):
+    """The sweep ``name`` with bench's options applied, checked (UsageError names what is
+    wrong)."""
+    import dataclasses
+
+    from bnbench import benchmark as engine
+
+    if name not in engine.SWEEPS:
+        raise UsageError(f"sweep {name!r}: expected one of {', '.join(engine.SWEEPS)}")
+    if cache not in ("cold", "warm"):
+        raise UsageError(f"cache {cache!r}: expected cold or warm")
+    for what, values, allowed in (
+        ("--dtype", dtypes, tuple(engine.DTYPES)),
+        ("--mode", modes, engine.MODES + ("train_step",)),
+        ("--memory-format", memory_formats, ("contiguous", "channels_last")),
+    ):
+        for value in values:
+            if value not in allowed:
+                raise UsageError(f"{what} {value}: expected one of {', '.join(allowed)}")
+    return dataclasses.replace(
+        engine.SWEEPS[name],
+        cache=cache,
+        only_dtypes=tuple(dtypes),
+        only_modes=tuple(modes),
+        only_formats=tuple(memory_formats),
+    )
+
+
+def sweep_devices(sweep, requested: Iterable[str] = ()) -> list[str]:
+    """The devices a bench of ``sweep`` runs on: those requested (checked), else every
+    available one; a sweep meant for some device types only (the CUDA sweeps) refuses the
+    others and, with none requested, takes the available ones of its kinds."""
+    if not sweep.devices:
+        return devices_available(requested)
+    requested = list(requested)
+    wrong = [d for d in requested if d not in sweep.devices]
+    if wrong:
+        raise UsageError(
+            f"the {sweep.name} sweep runs on {' and '.join(sweep.devices)} only (its largest "
+            f"rows move gigabytes), not --device {wrong[0]}: use --quick or --full there"
+        )
+    available = [d for d in gate.available_devices() if d in sweep.devices]
+    if not requested and not available:
+        raise UsageError(
+            f"the {sweep.name} sweep runs on {' and '.join(sweep.devices)} only, and this "
+            "machine has none"
+        )
+    return devices_available(requested or available)
+
+
 def verify(
     impls: str | Implementation | Sequence[str | Implementation] | None = None,
     *,
@@ -417,6 +473,10 @@ def bench(
     progress: Callable[[dict], None] | None = None,
     prepared: tuple[list[Implementation], list[str], bool] | None = None,
     world_sizes: Sequence[int] = (),
+    cache: str = "cold",
+    dtypes: Sequence[str] = (),
+    modes: Sequence[str] = (),
+    memory_formats: Sequence[str] = (),
 ) -> BenchResult | DistBenchResult:
     """Time forward/backward over a sweep, as ``bnbench bench`` does; results in ``output``.
 
@@ -429,7 +489,12 @@ def bench(
     that many rank processes (``--world-size``), next to local nn.BatchNorm on each rank's
     shard; ``sweep`` quick, full or smoke picks the per-rank shapes and the timing budget; the
     rows go to ``output``/dist_results.csv and a DistBenchResult is returned. Nothing vouches
-    for these rows (``verify`` does not apply): ``bnbench verify --world-size N`` checks them."""
+    for these rows (``verify`` does not apply): ``bnbench verify --world-size N`` checks them.
+
+    On CUDA the quick and full sweeps run their CUDA sweeps (resnet50, resnet50-full: ResNet-50's
+    BatchNorm shapes and a transformer head), each row timed as a call and as GPU time
+    (bnbench.gpu); ``cache`` cold flushes the L2 between kernel repetitions, warm does not.
+    ``dtypes``, ``modes``, ``memory_formats``: keep only these rows (empty: all)."""
     import csv
 
     from bnbench import benchmark as engine
@@ -449,10 +514,23 @@ def bench(
         )
     if sweep not in engine.SWEEPS:
         raise UsageError(f"sweep {sweep!r}: expected one of {', '.join(engine.SWEEPS)}")
-    chosen_sweep = engine.SWEEPS[sweep]
-    if any(row.model for row in chosen_sweep.rows()):
+    chosen_sweep = bench_sweep(sweep, cache, dtypes, modes, memory_formats)
+    devices = sweep_devices(chosen_sweep, devices)
+    if not any(chosen_sweep.on(d).rows() for d in devices):
+        raise UsageError(
+            f"sweep {sweep!r}: no row has "
+            + ", ".join(
+                f"{what} {' or '.join(values)}"
+                for what, values in (
+                    ("dtype", dtypes),
+                    ("mode", modes),
+                    ("memory format", memory_formats),
+                )
+                if values
+            )
+        )
+    if any(row.model for d in devices for row in chosen_sweep.on(d).rows()):
         require_extra("models")
-    devices = devices_available(devices)
     chosen, specs, isolated = prepared or implementations(impls, timeout)
     if not isolated:
         raise UsageError(

@@ -9,10 +9,12 @@ untimed before each call, grad_output made beforehand), forward_backward (both).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from bnbench import isolation, timing
+from bnbench import gpu, isolation, timing
 from bnbench.cases import case_by_id
 from bnbench.gate import verdict
 from bnbench.isolation import run_items
@@ -137,17 +139,80 @@ class ModelGroup:
 
 
 @dataclass(frozen=True)
-class Sweep:
-    """A benchmark sweep, declared: the rows of its groups, for every implementation and
-    device."""
+class ShapeGroup:
+    """Every (shape, dtype, memory format, mode) combination of listed shapes (channels_last
+    only for rank 4 and 5 inputs)."""
 
-    name: str
-    groups: tuple[LayerGroup | ModelGroup, ...]
-    budget_s: float = 0.4  # timing budget per row, once warm
-    warmup_s: float = 0.05
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...] = ("float32",)
+    memory_formats: tuple[str, ...] = ("contiguous",)
+    modes: tuple[str, ...] = MODES
 
     def rows(self) -> list[Row]:
-        return [row for group in self.groups for row in group.rows()]
+        return [
+            Row(shape, dtype, fmt, mode)
+            for shape, dtype, fmt, mode in itertools.product(
+                self.shapes, self.dtypes, self.memory_formats, self.modes
+            )
+            if fmt == "contiguous" or len(shape) in (4, 5)
+        ]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A benchmark sweep, declared: the rows of its groups, for every implementation and
+    device. ``cuda``: the sweep whose rows the CUDA leg runs instead (the CPU's sweeps are
+    launch-bound on a GPU); ``devices``: the only device types it is meant for (empty: any).
+    On CUDA, ``kernel_budget_s`` caps each row's kernel timing (bnbench.gpu.StopRule) and
+    ``cache`` is cold (the L2 flushed between repetitions) or warm."""
+
+    name: str
+    groups: tuple[LayerGroup | ModelGroup | ShapeGroup, ...]
+    budget_s: float = 0.4  # timing budget per row, once warm
+    warmup_s: float = 0.05
+    cuda: str = ""
+    devices: tuple[str, ...] = ()
+    kernel_budget_s: float = 0.5
+    cache: str = "cold"
+    # the rows kept (bench --dtype / --mode / --memory-format; empty: all)
+    only_dtypes: tuple[str, ...] = ()
+    only_modes: tuple[str, ...] = ()
+    only_formats: tuple[str, ...] = ()
+
+    def rows(self) -> list[Row]:
+        return [
+            row
+            for group in self.groups
+            for row in group.rows()
+            if (not self.only_dtypes or row.dtype in self.only_dtypes)
+            and (not self.only_modes or row.mode in self.only_modes)
+            and (not self.only_formats or row.memory_format in self.only_formats)
+        ]
+
+    def on(self, device: str) -> Sweep:
+        """The sweep ``device``'s leg runs (this one, or its CUDA sweep on a GPU), with this
+        one's cache mode and row filters."""
+        if torch.device(device).type == "cuda" and self.cuda:
+            return dataclasses.replace(
+                SWEEPS[self.cuda],
+                cache=self.cache,
+                only_dtypes=self.only_dtypes,
+                only_modes=self.only_modes,
+                only_formats=self.only_formats,
+            )
+        return self
+
+    def timing(self) -> dict:
+        """What a worker needs to time a row the way this sweep does."""
+        return {
+            "budget_s": self.budget_s,
+            "warmup_s": self.warmup_s,
+            "kernel_budget_s": self.kernel_budget_s,
+            "cache": self.cache,
+        }
+
+    def stop_rule(self) -> gpu.StopRule:
+        return gpu.StopRule(max_time_s=self.kernel_budget_s)
 
 
 def _model_input(model: str, batch: int) -> tuple:
@@ -158,6 +223,7 @@ def _model_input(model: str, batch: int) -> tuple:
 
 QUICK = Sweep(
     "quick",
+    cuda="resnet50",
     groups=(
         ModelGroup(models=("conv_bn", "mlp_bn"), batch_sizes=(16, 128)),
         LayerGroup(batch_sizes=(1, 8, 32, 64), channels=(64,), spatial=((28, 28),)),
@@ -176,6 +242,7 @@ QUICK = Sweep(
 
 FULL = Sweep(
     "full",
+    cuda="resnet50-full",
     budget_s=1.0,
     warmup_s=0.1,
     groups=(
@@ -240,7 +307,42 @@ CALIBRATION = Sweep(
     ),
 )
 
-SWEEPS = {"quick": QUICK, "full": FULL, "smoke": SMOKE, "calibration": CALIBRATION}
+# The CUDA leg: every distinct BatchNorm shape of ResNet-50 at 224x224 for 32 and 256 images,
+# and a BatchNorm1d over a transformer's tokens, in three dtypes and both memory formats: the
+# layers users train, large enough that the GPU's time (not the launch) is measured.
+_GPU_SHAPES = tuple(shape for batch in (32, 256) for shape in gpu.resnet50_shapes(batch)) + tuple(
+    gpu.transformer_head_shape(batch) for batch in (32, 256)
+)
+_GPU_GROUP = ShapeGroup(
+    shapes=_GPU_SHAPES,
+    dtypes=("float32", "bfloat16", "float16"),
+    memory_formats=("contiguous", "channels_last"),
+)
+RESNET50 = Sweep(
+    "resnet50",
+    groups=(dataclasses.replace(_GPU_GROUP, modes=("forward_train", "forward_backward")),),
+    budget_s=0.1,
+    warmup_s=0.02,
+    devices=("cuda",),
+    kernel_budget_s=0.3,
+)
+RESNET50_FULL = Sweep(
+    "resnet50-full",
+    groups=(_GPU_GROUP,),
+    budget_s=0.3,
+    warmup_s=0.05,
+    devices=("cuda",),
+    kernel_budget_s=1.0,
+)
+
+SWEEPS = {
+    "quick": QUICK,
+    "full": FULL,
+    "smoke": SMOKE,
+    "calibration": CALIBRATION,
+    "resnet50": RESNET50,
+    "resnet50-full": RESNET50_FULL,
+}
 
 
 def gate_case_for(row: Row) -> str:
@@ -407,6 +509,11 @@ def bench_row(impl: Implementation, device: str, row: Row, sweep: Sweep) -> dict
         warmup_s=sweep.warmup_s,
         drop_disturbed=True,
     )
+    kernel: dict = {}
+    if torch.device(device).type == "cuda" and not row.model:
+        kernel = gpu.time_kernel(
+            step, device, prepare=prepare, cache=sweep.cache, rule=sweep.stop_rule()
+        ).columns()
     recompiled = graph_counter() != graphs_after_first_call
     memory, method = timing.peak_memory(
         lambda: step(10**9), device, (lambda: prepare(10**9)) if prepare else None
@@ -431,6 +538,7 @@ def bench_row(impl: Implementation, device: str, row: Row, sweep: Sweep) -> dict
         if recompiled
         else "",
         **timer_report(samples),
+        **kernel,
     }
 
 
@@ -520,6 +628,18 @@ def bench_worker(
             }
             channel.done(item, result)
             continue
+        if torch.device(device).type == "cuda" and not row.model:
+            # the CUDA sweep is sized from the GPU's memory, row by row
+            element = torch.empty((), dtype=DTYPES[row.dtype]).element_size()
+            too_large = gpu.memory_reason(row.shape, element, torch.cuda.mem_get_info()[0])
+            if too_large:
+                result = {
+                    "status": Status.NOT_SUPPORTED,
+                    "verified": Verdict.NOT_RUN,
+                    "message": too_large,
+                }
+                channel.done(item, result)
+                continue
         case = vouching_case(impl, row, cases)
         if verify and case not in verdicts:
             verdicts[case] = verdict(impl, case, run_case(impl, case, device))[0]
@@ -551,9 +671,13 @@ def validate_result(result: dict) -> tuple[dict, list[float]]:
 # Floors, measured in the same run by the parent process.
 
 
-def measure_floor(device: str, dtype: torch.dtype, shape: tuple, budget_s: float) -> dict:
+def measure_floor(
+    device: str, dtype: torch.dtype, shape: tuple, budget_s: float, cache: str = "cold"
+) -> dict:
     """Copy into a preallocated tensor (bytes read + written) and a clone (allocation too),
-    disturbed blocks timed again (bnbench.timing)."""
+    disturbed blocks timed again (bnbench.timing). On CUDA also the copy's kernel time, timed
+    as the rows' kernels are (bnbench.gpu.time_kernel, ``cache``): the bandwidth each row's
+    share is of."""
     xs, _ = _input_sets(shape, dtype, "contiguous", device, requires_grad=False)
     out = torch.empty_like(xs[0])
     k = len(xs)
@@ -564,7 +688,7 @@ def measure_floor(device: str, dtype: torch.dtype, shape: tuple, budget_s: float
         lambda i: xs[i % k].clone(), device, budget_s=budget_s, drop_disturbed=True
     )
     nbytes = xs[0].numel() * xs[0].element_size()
-    return {
+    floor = {
         "copy_gbps": 2 * nbytes / copy.median / 1e9,
         "copy_s": copy.median,
         "clone_s": clone.median,
@@ -572,6 +696,11 @@ def measure_floor(device: str, dtype: torch.dtype, shape: tuple, budget_s: float
         "disturbed": copy.disturbed or clone.disturbed,
         "flags": [],
     }
+    if torch.device(device).type == "cuda":
+        kernel = gpu.time_kernel(lambda i: out.copy_(xs[0]), device, cache=cache)
+        floor["copy_kernel_s"] = kernel.median
+        floor["copy_kernel_gbps"] = 2 * nbytes / kernel.median / 1e9
+    return floor
 
 
 # Checks of a sweep's floors. A floor (copy or clone) may not take under FLOOR_SHRINK of the
@@ -653,8 +782,18 @@ def apply_floor(row: dict, floor: dict | None) -> dict:
     (disturbed), its floor's, and faster-than-floor when it was timed under FASTER_THAN_FLOOR
     of the copy floor."""
     own = [f for f in split_flags(row.get("flags")) if f not in FLOOR_FLAGS]
-    own = [f for f in own if f != Flag.FASTER_THAN_FLOOR]
-    for column in ("gbps", "copy_gbps", "floor_s", "ratio_to_floor", "clone_s", "ratio_to_clone"):
+    own = [f for f in own if f not in (Flag.FASTER_THAN_FLOOR, Flag.OVER_COPY_BANDWIDTH)]
+    for column in (
+        "gbps",
+        "copy_gbps",
+        "floor_s",
+        "ratio_to_floor",
+        "clone_s",
+        "ratio_to_clone",
+        "kernel_gbps",
+        "copy_kernel_gbps",
+        "bandwidth_share",
+    ):
         row[column] = ""
     row["cache_effect"] = ""
     if row["status"] in MEASURED and floor and row["bytes"]:
@@ -670,6 +809,14 @@ def apply_floor(row: dict, floor: dict | None) -> dict:
         own += floor.get("flags", [])
         if row["ratio_to_floor"] < FASTER_THAN_FLOOR:
             own.append(Flag.FASTER_THAN_FLOOR)
+        kernel_s = row.get("kernel_s")
+        if isinstance(kernel_s, float) and kernel_s > 0 and floor.get("copy_kernel_gbps"):
+            # the GPU's time against a copy of the same size timed the same way
+            row["kernel_gbps"] = row["bytes"] / kernel_s / 1e9
+            row["copy_kernel_gbps"] = floor["copy_kernel_gbps"]
+            row["bandwidth_share"] = row["kernel_gbps"] / floor["copy_kernel_gbps"]
+            if row["bandwidth_share"] > 1.0:
+                own.append(Flag.OVER_COPY_BANDWIDTH)
     row["flags"] = join_flags(own)
     return row
 
@@ -707,8 +854,10 @@ def finish_row(base: dict, result: dict, floor: dict | None, threads: int) -> di
     row.update({key: value for key, value in base.items() if key in COLUMNS})
     row.update({key: value for key, value in result.items() if key in COLUMNS})
     row["threads"] = threads
+    measured = row["status"] in MEASURED
     row["flags"] = join_flags(
-        [Flag.DISTURBED] if result.get("disturbed") and row["status"] in MEASURED else []
+        ([Flag.DISTURBED] if result.get("disturbed") and measured else [])
+        + ([Flag.THROTTLED] if result.get("throttled") and measured else [])
     )
     return apply_floor(row, floor)
 
@@ -820,7 +969,6 @@ def _run_sweep(impls, specs, devices, sweep, output, threads, timeout, verify, p
     isolation.begin()
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    rows = sweep.rows()
     env = environment()
     env.update(
         {
@@ -832,13 +980,20 @@ def _run_sweep(impls, specs, devices, sweep, output, threads, timeout, verify, p
             "run_id": run_id,
         }
     )
+    if any(torch.device(d).type == "cuda" for d in devices):
+        env["cuda_sweep"] = sweep.on("cuda").name
+        env["cache"] = sweep.cache
+        env["gpu_facts"] = gpu.gpu_environment()
     writer = ResultsWriter(output, env)
     floors: dict[tuple, dict] = {}
     remeasured: set[tuple] = set()  # floors measured again for a row faster than them
     try:
         for device in devices:
+            leg = sweep.on(device)  # the CUDA leg runs its own sweep
+            rows = leg.rows()
+            measure = functools.partial(measure_floor, cache=leg.cache)
             keys = sorted({(r.dtype, r.shape) for r in rows if not r.model}, key=str)
-            floors.update(measure_floors(device, keys, sweep.budget_s / 2))
+            floors.update(measure_floors(device, keys, leg.budget_s / 2, measure))
             for impl, spec in zip(impls, specs):
                 suspects: set[tuple] = set()
                 runnable = []
@@ -870,7 +1025,14 @@ def _run_sweep(impls, specs, devices, sweep, output, threads, timeout, verify, p
                         runnable.append(str(index))
 
                 def received(
-                    item, result, problem, seconds, impl=impl, device=device, suspects=suspects
+                    item,
+                    result,
+                    problem,
+                    seconds,
+                    impl=impl,
+                    device=device,
+                    suspects=suspects,
+                    rows=rows,
                 ):
                     row = rows[int(item)]
                     samples: list[float] = []
@@ -905,7 +1067,7 @@ def _run_sweep(impls, specs, devices, sweep, output, threads, timeout, verify, p
                             device,
                             threads,
                             rows_json,
-                            json.dumps({"budget_s": sweep.budget_s, "warmup_s": sweep.warmup_s}),
+                            json.dumps(leg.timing()),
                             verify,
                         ),
                         runnable,
@@ -913,7 +1075,9 @@ def _run_sweep(impls, specs, devices, sweep, output, threads, timeout, verify, p
                         received,
                     )
                 if suspects:
-                    remeasure_floors(floors, sorted(suspects, key=str), sweep.budget_s / 2, writer)
+                    remeasure_floors(
+                        floors, sorted(suspects, key=str), leg.budget_s / 2, writer, measure
+                    )
                     remeasured.update(suspects)
         writer.flush(complete=True, final=True)
     except KeyboardInterrupt:
@@ -962,6 +1126,9 @@ def summary_lines(rows: list[dict], baseline: str = "builtin") -> list[str]:
             f"{vs_baseline:.2f}x, time / floor {floor:.2f}x"
             + (f" ({left_out} flagged rows left out)" if left_out else "")
         )
+        kernel_line = _kernel_summary(name, device, mine, by_case, baseline)
+        if kernel_line:
+            lines.append(kernel_line)
     for name, device in dict.fromkeys((r["implementation"], r["device"]) for r in flagged):
         if not any(r["implementation"] == name and r["device"] == device for r in ok):
             n = sum(r["implementation"] == name and r["device"] == device for r in flagged)
@@ -973,3 +1140,23 @@ def summary_lines(rows: list[dict], baseline: str = "builtin") -> list[str]:
             "nn.BatchNorm's): no speed-up is given for them"
         )
     return lines
+
+
+def _kernel_summary(name: str, device: str, mine: list[dict], by_case: dict, baseline: str) -> str:
+    """The CUDA rows' GPU-time line: kernel time against the baseline's, call time over kernel
+    time (what launch and Python add) and the median bandwidth share of a copy."""
+    timed = [r for r in mine if isinstance(r.get("kernel_s"), float) and r["kernel_s"] > 0]
+    if not timed:
+        return ""
+    paired = [
+        r["kernel_s"] / by_case[case_key(r)]["kernel_s"]
+        for r in timed
+        if case_key(r) in by_case and isinstance(by_case[case_key(r)].get("kernel_s"), float)
+    ]
+    shares = [r["bandwidth_share"] for r in timed if isinstance(r.get("bandwidth_share"), float)]
+    return (
+        f"{name}@{device} GPU time: kernel / {baseline} (geometric mean) "
+        + (f"{geomean(paired):.2f}x" if paired else "n/a")
+        + f", call / kernel {geomean(r['median_s'] / r['kernel_s'] for r in timed):.2f}x"
+        + (f", median share of copy bandwidth {statistics.median(shares):.0%}" if shares else "")
+    )

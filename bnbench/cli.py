@@ -563,6 +563,41 @@ def _print_bench_summary(console: Console, directory, baseline: str = "builtin")
     "compare against a workload of known cost.",
 )
 @click.option(
+    "--resnet50",
+    "sweep_name",
+    flag_value="resnet50",
+    help="The CUDA sweep (what --quick runs on a GPU): every distinct BatchNorm shape of "
+    "ResNet-50 at 32 and 256 images and a transformer's BatchNorm1d head, float32/bfloat16/"
+    "float16, contiguous and channels_last, training forward and forward+backward. CUDA only.",
+)
+@click.option(
+    "--warm-cache",
+    is_flag=True,
+    help="CUDA: do not flush the L2 between kernel repetitions (default: flushed, cold cache).",
+)
+@click.option(
+    "--dtype",
+    "dtypes",
+    multiple=True,
+    metavar="DTYPE",
+    help="Keep only rows of this dtype (float32, bfloat16, float16, float64). Repeatable.",
+)
+@click.option(
+    "--mode",
+    "modes",
+    multiple=True,
+    metavar="MODE",
+    help="Keep only rows of this mode (forward_train, forward_eval, backward, "
+    "forward_backward, train_step). Repeatable.",
+)
+@click.option(
+    "--memory-format",
+    "memory_formats",
+    multiple=True,
+    type=click.Choice(["contiguous", "channels_last"]),
+    help="Keep only rows of this memory format. Repeatable.",
+)
+@click.option(
     "--output",
     type=click.Path(file_okay=False),
     default="bench-results",
@@ -598,11 +633,26 @@ def _print_bench_summary(console: Console, directory, baseline: str = "builtin")
     "nn.BatchNorm on each rank's shard, with the share of time spent communicating; writes "
     "dist_results.csv. Repeatable: give 1 for the baseline. --threads is per rank.",
 )
-def bench(impl_specs, devices, sweep_name, output, threads, timeout, no_verify, world_sizes):
-    """Time forward/backward over a sweep; write a tidy results table."""
-    from pathlib import Path
+def bench(
+    impl_specs,
+    devices,
+    sweep_name,
+    warm_cache,
+    dtypes,
+    modes,
+    memory_formats,
+    output,
+    threads,
+    timeout,
+    no_verify,
+    world_sizes,
+):
+    """Time forward/backward over a sweep; write a tidy results table.
 
-    from bnbench import benchmark as engine
+    On a GPU each row is timed twice: the call as a training loop makes it, and the GPU time
+    with launch overhead removed (a CUDA graph, the L2 flushed between repetitions), with the
+    bandwidth as a share of a copy of the same size and the GPU's clocks and power."""
+    from pathlib import Path
 
     _check_outputs(directories=(output,))
     console = _console()
@@ -611,15 +661,24 @@ def bench(impl_specs, devices, sweep_name, output, threads, timeout, no_verify, 
             console, impl_specs, devices, sweep_name, output, threads, timeout, world_sizes
         )
         return
-    sweep = engine.SWEEPS[sweep_name]
+    try:
+        sweep = api.bench_sweep(
+            sweep_name, "warm" if warm_cache else "cold", dtypes, modes, memory_formats
+        )
+    except UsageError as exc:
+        raise click.UsageError(str(exc)) from exc
     with _Signals() as signals, _Progress(console, f"bench {sweep.name}") as bar:
         try:
-            chosen_devices = api.devices_available(devices)
+            chosen_devices = api.sweep_devices(sweep, devices)
             prepared = api.implementations(list(impl_specs) or None, timeout)
-            bar.start(len(prepared[0]) * len(chosen_devices) * len(sweep.rows()))
+            bar.start(len(prepared[0]) * sum(len(sweep.on(d).rows()) for d in chosen_devices))
             timing = api.bench(
                 devices=chosen_devices,
                 sweep=sweep_name,
+                cache=sweep.cache,
+                dtypes=dtypes,
+                modes=modes,
+                memory_formats=memory_formats,
                 output=output,
                 threads=threads,
                 timeout=timeout,

@@ -236,6 +236,63 @@ def speedup_table(frame: pd.DataFrame, baseline: str = "builtin") -> pd.DataFram
     return _geomeans(logs, ["source", "device", "implementation", "mode"], baseline)
 
 
+GPU_HEADING = "GPU time: the kernel apart from the call"
+GPU_HOW = (
+    "CUDA rows are timed twice: the call as a training loop makes it (median_s) and the GPU "
+    "time with launch overhead removed (kernel_s: the call captured in a CUDA graph, the L2 "
+    "flushed between repetitions unless the run was --warm-cache; repetitions stop once the "
+    "median is known within 0.5% or at a time cap). Per implementation, dtype, memory format "
+    "and mode: the kernel time relative to the baseline's (geometric mean; below 1 is faster), "
+    "the call time over the kernel time (how much launch and Python add: near 1 means the GPU "
+    "is busy, large means the kernel is not what a user waits for), and the achieved bandwidth "
+    "as a share of a copy of the same size timed the same way (the least traffic the mode "
+    "needs: a forward reads x and writes y). Flagged rows (throttled, over 100% of the copy) "
+    "are left out."
+)
+
+
+def gpu_table(frame: pd.DataFrame, baseline: str = "builtin") -> pd.DataFrame:
+    """The CUDA rows' kernel figures (GPU_HOW), per source, implementation, dtype, memory
+    format and mode, over the unflagged rows that did not fail verification. Empty without
+    kernel times."""
+    if "kernel_s" not in frame:
+        return pd.DataFrame()
+    ok = _headline(frame)
+    ok = ok[~failed_verification(ok) & (ok["kernel_s"].astype(float) > 0)]
+    if ok.empty:
+        return pd.DataFrame()
+    keys = ["source", *CASE_KEY]
+    base = ok[ok["implementation"] == baseline][keys + ["kernel_s"]]
+    merged = ok.merge(base.rename(columns={"kernel_s": "baseline_kernel_s"}), on=keys, how="left")
+    share = (
+        merged["bandwidth_share"].astype(float)
+        if "bandwidth_share" in merged
+        else pd.Series(np.nan, index=merged.index)
+    )
+    merged = merged.assign(
+        log_vs=np.log(merged["kernel_s"].astype(float) / merged["baseline_kernel_s"]),
+        log_call=np.log(merged["median_s"].astype(float) / merged["kernel_s"].astype(float)),
+        share=share,
+    )
+    group = ["source", "implementation", "dtype", "memory_format", "mode"]
+    table = (
+        merged.groupby(group, sort=True)
+        .agg(
+            rows=("kernel_s", "size"),
+            log_vs=("log_vs", "mean"),
+            log_call=("log_call", "mean"),
+            median_share=("share", "median"),
+            lowest_share=("share", "min"),
+        )
+        .reset_index()
+    )
+    table[f"kernel_vs_{baseline}"] = np.exp(table.pop("log_vs"))
+    table["call_over_kernel"] = np.exp(table.pop("log_call"))
+    table["median_share_of_copy"] = table.pop("median_share")
+    table["lowest_share_of_copy"] = table.pop("lowest_share")
+    return table
+
+
 def failed_verification_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Every row whose implementation failed the case vouching for it."""
     rows = frame[failed_verification(frame)]
@@ -1575,6 +1632,7 @@ CSV_NAMES = {
     "problems": "not-measured.csv",
     "dist": "sync-across-ranks.csv",
     "ab": "ab.csv",
+    "gpu": "gpu.csv",
 }
 CORRECTNESS = "Correctness (bnbench verify)"
 
@@ -1644,6 +1702,10 @@ def write_report(inputs: list[str], output: str | os.PathLike, baseline: str = "
     if dist:
         tables.append((DIST_HEADING, dist_table(dist), CSV_NAMES["dist"]))
         paragraphs[DIST_HEADING] = [DIST_HOW]
+    gpu = gpu_table(frame, baseline)
+    if not gpu.empty:
+        tables.append((GPU_HEADING, gpu, CSV_NAMES["gpu"]))
+        paragraphs[GPU_HEADING] = [GPU_HOW]
     ab = ab_section(results)
     if ab is not None:
         tables.append((AB_HEADING, ab[0], CSV_NAMES["ab"]))

@@ -103,6 +103,12 @@ class Flag(_Text):
     FLOOR_IMPLAUSIBLE = "floor-implausible"
     # the row's floor was measured with too few undisturbed blocks
     FLOOR_DISTURBED = "floor-disturbed"
+    # CUDA: the row's kernel time implies more bandwidth than a copy of the same size timed
+    # the same way in the same run (bnbench.gpu): a share over 100% is not a result
+    OVER_COPY_BANDWIDTH = "over-copy-bandwidth"
+    # CUDA: the GPU's clocks were held down (thermal, hardware slowdown, power brake) while
+    # the row was timed
+    THROTTLED = "throttled"
 
 
 def join_flags(flags) -> str:
@@ -162,6 +168,29 @@ COLUMNS = [
     "disturbed_blocks",
     "cpu_per_wall",
     "load",
+    # CUDA (bnbench.gpu): the GPU time with launch overhead removed, how it was timed, and what
+    # the GPU's clocks and power did meanwhile
+    "kernel_s",
+    "kernel_p20_s",
+    "kernel_p80_s",
+    "kernel_repetitions",
+    "kernel_calls_per_repetition",
+    "kernel_method",
+    "kernel_noise",
+    "cache",
+    "stop_reason",
+    "kernel_gbps",
+    "copy_kernel_gbps",
+    "bandwidth_share",
+    "sm_clock_mhz",
+    "sm_clock_min_mhz",
+    "mem_clock_mhz",
+    "power_limit_w",
+    "power_w",
+    "temperature_c",
+    "throttled",
+    "throttle_reasons",
+    "capture_error",
     "model",
     "message",
 ]
@@ -181,6 +210,19 @@ NUMERIC = {
     "compile_s",
     "cpu_per_wall",
     "load",
+    "kernel_s",
+    "kernel_p20_s",
+    "kernel_p80_s",
+    "kernel_noise",
+    "kernel_gbps",
+    "copy_kernel_gbps",
+    "bandwidth_share",
+    "sm_clock_mhz",
+    "sm_clock_min_mhz",
+    "mem_clock_mhz",
+    "power_limit_w",
+    "power_w",
+    "temperature_c",
 }
 INTEGER = {
     "batch_size",
@@ -193,6 +235,8 @@ INTEGER = {
     "graphs_compiled",
     "threads",
     "disturbed_blocks",
+    "kernel_repetitions",
+    "kernel_calls_per_repetition",
 }
 
 
@@ -394,6 +438,7 @@ RUN_FILES = (
     "ab.json",
     "ab.csv",
     "sync-across-ranks.csv",
+    "gpu.csv",
 )
 LOCK_NAME = ".bnbench.lock"
 

@@ -7,7 +7,7 @@ divide by zero or poison every summary built on it.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -58,8 +58,27 @@ class BenchResult(BaseModel):
     disturbed_blocks: Count | None = None
     cpu_per_wall: Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)] | None = None
     load: Annotated[float, Field(ge=0, le=1_000_000, allow_inf_nan=False)] | None = None
+    # CUDA (bnbench.gpu.KernelTiming.columns)
+    kernel_s: Seconds | None = None
+    kernel_p20_s: Seconds | None = None
+    kernel_p80_s: Seconds | None = None
+    kernel_repetitions: Annotated[int, Field(ge=1, le=MAX_SAMPLES, strict=True)] | None = None
+    kernel_calls_per_repetition: Annotated[int, Field(ge=1, le=10_000, strict=True)] | None = None
+    kernel_method: Literal["cuda-graph", "events"] | None = None
+    kernel_noise: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] | None = None
+    cache: Literal["cold", "warm"] | None = None
+    stop_reason: Literal["noise", "time-cap", "max-samples"] | None = None
+    sm_clock_mhz: Annotated[float, Field(ge=0, le=100_000, allow_inf_nan=False)] | None = None
+    sm_clock_min_mhz: Annotated[float, Field(ge=0, le=100_000, allow_inf_nan=False)] | None = None
+    mem_clock_mhz: Annotated[float, Field(ge=0, le=100_000, allow_inf_nan=False)] | None = None
+    power_limit_w: Annotated[float, Field(ge=0, le=100_000, allow_inf_nan=False)] | None = None
+    power_w: Annotated[float, Field(ge=0, le=100_000, allow_inf_nan=False)] | None = None
+    temperature_c: Annotated[float, Field(ge=-100, le=1000, allow_inf_nan=False)] | None = None
+    throttled: bool | None = None
+    throttle_reasons: Annotated[str, Field(max_length=200, pattern=r"^[a-z;-]*$")] | None = None
+    capture_error: Annotated[str, Field(max_length=2_000)] | None = None
 
-    @field_validator("message", "memory_method")
+    @field_validator("message", "memory_method", "capture_error")
     @classmethod
     def _printable(cls, value: str | None) -> str | None:
         from bnbench.gate import printable
@@ -79,6 +98,12 @@ class BenchResult(BaseModel):
             assert self.p20_s is not None and self.p80_s is not None
             if not self.p20_s <= self.median_s <= self.p80_s:  # type: ignore[operator]
                 raise ValueError("median_s is not between p20_s and p80_s")
+            if self.kernel_s is not None and not (
+                self.kernel_p20_s is not None
+                and self.kernel_p80_s is not None
+                and self.kernel_p20_s <= self.kernel_s <= self.kernel_p80_s
+            ):
+                raise ValueError("kernel_s is not between kernel_p20_s and kernel_p80_s")
         return self
 
 
