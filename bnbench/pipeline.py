@@ -121,7 +121,9 @@ def run(
         _write_verify(output, results, run_id)
         sweep = bench.SWEEPS[sweep_name]
         say.stage(2, 4, f"bench ({sweep.name} sweep) -> {output}/results.csv")
-        say.counting(f"bench {sweep.name}", len(impls) * len(devices) * len(sweep.rows()))
+        say.counting(
+            f"bench {sweep.name}", len(impls) * sum(len(sweep.on(d).rows()) for d in devices)
+        )
         bench.run_sweep(
             impls,
             specs,

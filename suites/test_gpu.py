@@ -440,3 +440,134 @@ def test_the_report_separates_kernel_time_from_call_time(tmp_path, monkeypatch):
     # one of triton's two rows is flagged: the other's kernel is 1.25/10 of builtin's
     assert "0.125" in triton and ",1," in triton
     assert "GPU time" in html
+
+
+# --- time_kernel's logic, with torch.cuda stood in for (no GPU here) -------------------------
+
+
+class _FakeCuda:
+    """Just enough of torch.cuda for time_kernel's control flow: events read a host clock, a
+    graph replays nothing, ``capturing`` is true inside torch.cuda.graph."""
+
+    def __init__(self):
+        self.capturing = False
+        self.captures = 0
+        self.synchronized = 0
+
+    def install(self, monkeypatch):
+        import contextlib
+        import time as _time
+
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
+
+            def record(self):
+                self.t = _time.perf_counter()
+
+            def elapsed_time(self, other):
+                return max(other.t - self.t, 1e-9) * 1e3
+
+        class Graph:
+            def replay(self):
+                pass
+
+        @contextlib.contextmanager
+        def graph(g):
+            fake.capturing = True
+            fake.captures += 1
+            try:
+                yield
+            finally:
+                fake.capturing = False
+
+        @contextlib.contextmanager
+        def stream(s):
+            yield
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        def synchronize():
+            fake.synchronized += 1
+
+        for name, value in {
+            "Event": Event,
+            "CUDAGraph": Graph,
+            "graph": graph,
+            "stream": stream,
+            "Stream": Stream,
+            "current_stream": lambda: Stream(),
+            "synchronize": synchronize,
+        }.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+        monkeypatch.setattr(gpu, "L2Flush", lambda device: lambda: None)
+        return self
+
+
+_QUICK = gpu.StopRule(min_samples=5, min_time_s=0.0, max_time_s=0.05, max_noise=10.0)
+
+
+def test_a_capturable_call_is_replayed_from_a_graph(monkeypatch):
+    fake = _FakeCuda().install(monkeypatch)
+    calls = []
+    timed = gpu.time_kernel(
+        lambda i: calls.append(i),
+        "cuda",
+        rule=_QUICK,
+        monitor=gpu.GpuMonitor(0, _FakeNvml([], [], {"init"})),
+    )
+    assert timed.method == "cuda-graph" and not timed.capture_error
+    assert fake.captures == 1
+    # the warm-up and the capture ran the step; the replays did not call Python
+    assert len(calls) == 3 and timed.stop_reason == "noise" and len(timed.seconds) >= 5
+    assert set(timed.columns()) >= {"kernel_s", "kernel_method", "stop_reason", "cache"}
+
+
+def test_a_call_that_fails_to_capture_is_timed_with_events(monkeypatch):
+    fake = _FakeCuda().install(monkeypatch)
+    calls = []
+
+    def step(i):
+        if fake.capturing:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        calls.append(i)
+
+    timed = gpu.time_kernel(
+        step, "cuda", rule=_QUICK, monitor=gpu.GpuMonitor(0, _FakeNvml([], [], {"init"}))
+    )
+    assert timed.method == "events" and "stream is capturing" in timed.capture_error
+    assert len(calls) == 2 + len(timed.seconds)  # warm-up, then one call per repetition
+    assert calls[2:] == list(range(len(timed.seconds)))  # rotating through the step's inputs
+
+
+def test_a_prepared_step_is_prepared_before_every_repetition(monkeypatch):
+    _FakeCuda().install(monkeypatch)
+    prepared, stepped = [], []
+    timed = gpu.time_kernel(
+        lambda i: stepped.append(i),
+        "cuda",
+        prepare=lambda i: prepared.append(i),
+        rule=_QUICK,
+        monitor=gpu.GpuMonitor(0, _FakeNvml([], [], {"init"})),
+    )
+    assert timed.method == "events" and prepared == stepped  # each call's own graph
+
+
+def test_warm_cache_captures_enough_calls_to_hide_the_launch(monkeypatch):
+    fake = _FakeCuda().install(monkeypatch)
+    timed = gpu.time_kernel(
+        lambda i: None,
+        "cuda",
+        cache="warm",
+        rule=_QUICK,
+        monitor=gpu.GpuMonitor(0, _FakeNvml([], [], {"init"})),
+    )
+    # a replay of nothing takes microseconds: the warm graph holds the most calls allowed
+    assert timed.cache == "warm" and timed.calls_per_repetition == gpu.MAX_CALLS_PER_GRAPH
+    assert fake.captures == 2
+    with pytest.raises(ValueError, match="tepid"):
+        gpu.time_kernel(lambda i: None, "cuda", cache="tepid")
