@@ -859,7 +859,15 @@ def report(inputs, output, baseline):
     help="Let single cases fail the gate too (for quiet machines): by default the "
     "gate decides on each implementation's geometric mean over its cases.",
 )
-def compare(baseline, new, threshold, per_case):
+@click.option(
+    "--metric",
+    type=click.Choice(["call", "kernel"]),
+    default="call",
+    show_default=True,
+    help="What to compare: the call time, or (CUDA rows) the GPU time with launch overhead "
+    "removed, which a kernel regression shows in even where launches dominate the call.",
+)
+def compare(baseline, new, threshold, per_case, metric):
     """NEW / BASELINE per implementation and case; exit 1 on a regression or on rows measured in
     BASELINE but not in NEW, 2 on bad input. Runs made at different times carry the machine's
     drift between them: to gate a change, prefer `bnbench ab BASELINE CANDIDATE`, which measures
@@ -870,14 +878,17 @@ def compare(baseline, new, threshold, per_case):
     from bnbench.runs import ReportInputError
 
     try:
-        result = compare_stored(baseline, new, threshold)
+        result = compare_stored(baseline, new, threshold, metric=metric)
     except ReportInputError as exc:
         raise click.UsageError(str(exc)) from exc
     cases = result.cases
     summary = compare_implementations(cases, threshold)
     console = _console()
     methods = ", ".join(sorted((set(summary.method) | set(cases.method)) - {"none"}))
-    table = Table(title=f"NEW / BASELINE, 95% intervals ({methods}), threshold {threshold:g}%")
+    what = "" if metric == "call" else " of the kernel time"
+    table = Table(
+        title=f"NEW / BASELINE{what}, 95% intervals ({methods}), threshold {threshold:g}%"
+    )
     for column in ("implementation", "device", "cases", "geomean ratio", "95% interval", "verdict"):
         table.add_column(column)
     for r in summary.itertuples():

@@ -143,6 +143,7 @@ def compare(
     resamples: int = 2000,
     seed: int = 0,
     budget: float = BOOTSTRAP_BUDGET,
+    metric: str = "call",
 ) -> Comparison:
     """NEW / BASELINE per matched measured row with a 95% interval of the ratio of medians,
     and the rows measured on one side only.
@@ -150,11 +151,23 @@ def compare(
     A row is a regression only when the whole interval lies above 1 + threshold: significant
     *and* above the threshold. Rows without raw samples (or fewer than 3) fall back to the
     p20/p80 spreads: flagged only when NEW's p20 exceeds BASELINE's p80 by the threshold.
+
+    ``metric``: ``call`` compares the call times (median_s); ``kernel`` the CUDA rows' GPU
+    times (kernel_s, bnbench.gpu), which launch overhead does not hide: only rows with a
+    kernel time in both runs are compared, on their p20/p80 spreads (samples.csv holds the
+    call's samples).
     """
+    if metric not in METRICS:
+        raise ReportInputError(f"metric {metric!r}: expected one of {', '.join(METRICS)}")
     base, newer = load(baseline), load(new)
     columns = KEY + ["status", "median_s", "p20_s", "p80_s", "message", "flags"]
-    b = _table(base, columns)
-    n = _table(newer, columns)
+    b = _table(base, columns, METRICS[metric])
+    n = _table(newer, columns, METRICS[metric])
+    if metric != "call":  # rows without the metric are not measured for it
+        for table in (b, n):
+            table.loc[
+                table["median_s"].isna() & table["status"].isin(MEASURED_STATUSES), "status"
+            ] = "no " + metric + " time"
     b_measured = b[b["status"].isin(MEASURED_STATUSES)]
     n_measured = n[n["status"].isin(MEASURED_STATUSES)]
     common = b_measured.merge(n_measured, on=KEY, suffixes=("_b", "_n"))
@@ -162,6 +175,7 @@ def compare(
         raise ReportInputError(
             f"{new}: no measured row matches {baseline} (implementation, "
             "device, dtype, mode, shape, memory format)"
+            + (f" with a {metric} time in both (CUDA rows have one)" if metric != "call" else "")
         )
     lost = b_measured.merge(n[KEY + ["status", "message"]], on=KEY, how="left", suffixes=("", "_n"))
     lost = lost[~lost["status_n"].isin(MEASURED_STATUSES)]
@@ -198,6 +212,8 @@ def compare(
     sampled = np.flatnonzero(
         (base_samples.counts[b_pos] >= MIN_SAMPLES) & (new_samples.counts[n_pos] >= MIN_SAMPLES)
     )
+    if metric != "call":  # the raw samples are the call's
+        sampled = sampled[:0]
     if len(sampled):
         work = float(
             (base_samples.counts[b_pos[sampled]] + new_samples.counts[n_pos[sampled]]).sum()
@@ -266,14 +282,23 @@ def printable(text: object) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
-def _table(results: Results, columns: list[str]) -> pd.DataFrame:
-    """The columns ``compare`` uses (absent optional ones as NaN / empty), and each row's
-    position in results.csv (what samples.csv points at)."""
+# What ``compare --metric`` compares: results.csv's columns read as median_s, p20_s, p80_s.
+METRICS = {
+    "call": {},
+    "kernel": {"median_s": "kernel_s", "p20_s": "kernel_p20_s", "p80_s": "kernel_p80_s"},
+}
+
+
+def _table(results: Results, columns: list[str], renamed: dict | None = None) -> pd.DataFrame:
+    """The columns ``compare`` uses (absent optional ones as NaN / empty; ``renamed``: read
+    from another column), and each row's position in results.csv (what samples.csv points
+    at)."""
     rows = results.rows
     frame = pd.DataFrame({"position": np.arange(len(rows))}, index=rows.index)
     for column in columns:
-        if column in rows:
-            frame[column] = rows[column]
+        source = (renamed or {}).get(column, column)
+        if source in rows:
+            frame[column] = rows[source]
         else:
             frame[column] = "" if column in ("message", "flags") else np.nan
     return frame.reset_index(drop=True)

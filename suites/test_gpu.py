@@ -571,3 +571,45 @@ def test_warm_cache_captures_enough_calls_to_hide_the_launch(monkeypatch):
     assert fake.captures == 2
     with pytest.raises(ValueError, match="tepid"):
         gpu.time_kernel(lambda i: None, "cuda", cache="tepid")
+
+
+# --- compare on the kernel time --------------------------------------------------------------
+
+
+def test_compare_kernel_metric_sees_a_kernel_regression_the_call_time_hides(tmp_path):
+    from test_report import bench_rows, write_run
+
+    from bnbench.regression import compare
+
+    from helpers import in_process
+
+    def run(name, kernel_factor):
+        rows = bench_rows(
+            ("builtin",), device="cuda", modes=("forward_train",), batches=(8, 32, 64)
+        )
+        for row in rows:
+            # launch-bound: the call stays the same while the kernel slows down
+            kernel = 1e-5 * row["batch_size"] / 64 * kernel_factor
+            row.update(kernel_s=kernel, kernel_p20_s=kernel * 0.99, kernel_p80_s=kernel * 1.01)
+        return write_run(tmp_path / name, rows)
+
+    base, slow = run("base", 1.0), run("slow", 2.0)
+    calls = compare(base, slow, 10.0)
+    assert set(calls.cases.verdict) == {"same"}
+    kernels = compare(base, slow, 10.0, metric="kernel")
+    assert set(kernels.cases.verdict) == {"regression"}
+    assert kernels.cases.ratio.tolist() == pytest.approx([2.0] * 3)
+    assert set(kernels.cases.method) == {"p20/p80"}
+    result = in_process("compare", str(base), str(slow), "--metric", "kernel", "--threshold", "10")
+    assert result.returncode == 1 and "kernel time" in result.stdout
+    assert in_process("compare", str(base), str(slow), "--threshold", "10").returncode == 0
+
+
+def test_compare_kernel_metric_on_runs_without_kernel_times_is_bad_input(tmp_path):
+    from test_report import bench_rows, write_run
+
+    from helpers import in_process
+
+    run = write_run(tmp_path / "cpu", bench_rows(("builtin",)))
+    result = in_process("compare", str(run), str(run), "--metric", "kernel")
+    assert result.returncode == 2 and "kernel time in both" in result.stdout + result.stderr
