@@ -28,8 +28,9 @@ apart), and a size of 1 compiles apart (dynamo's 0/1 specialization).
 
 Everything else is the vectorized implementation's own code, unchanged: argument checks and their
 error messages (an input that would raise, or that needs nothing computed, takes the vectorized
-forward with its kernels compiled), eval (``eval_kernel`` compiled), state dicts, momentum=None,
-track_running_stats=False. Half-precision inputs are computed in float32 and cast back.
+forward with its kernels compiled, as does a call traced by torch.compile of a whole model),
+eval (``eval_kernel`` compiled), state dicts, momentum=None, track_running_stats=False.
+Half-precision inputs are computed in float32 and cast back.
 
 Double backward is not supported: eval's compiled kernel runs through AOTAutograd, whose
 compiled backward is not itself differentiable. (Training's backward, asked for a graph, runs
@@ -311,10 +312,14 @@ class CompiledBatchNorm(VectorizedBatchNorm):
 
     @staticmethod
     def train_kernel(x, weight, bias, eps):
+        if torch.compiler.is_compiling():  # traced into an enclosing graph as it is
+            return train_kernel(x, weight, bias, eps)
         return compiled_kernels()[0](x, weight, bias, eps)
 
     @staticmethod
     def eval_kernel(x, running_mean, running_var, weight, bias, eps):
+        if torch.compiler.is_compiling():
+            return eval_kernel(x, running_mean, running_var, weight, bias, eps)
         return compiled_kernels()[1](x, running_mean, running_var, weight, bias, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -322,6 +327,10 @@ class CompiledBatchNorm(VectorizedBatchNorm):
         # raises, an empty input, eval without running statistics, eval under autograd) takes
         # the vectorized forward with its kernels compiled, which raises or computes as before.
         eps = self.eps
+        if torch.compiler.is_compiling():
+            # Inside a model that torch.compile traces: the vectorized forward, which dynamo
+            # traces into the model's graph (it cannot trace _CompiledTrain's saved aliases).
+            return super().forward(x)
         if x.dim() not in self._expected_dims or type(eps) not in (float, int):
             return super().forward(x)
         channels = x.shape[1]

@@ -231,3 +231,21 @@ def test_new_batch_sizes_reuse_the_compiled_graphs():
     step(5, (7, 5, 6, 2))
     step(7, (3, 7, 4, 4))
     assert counters["stats"]["unique_graphs"] == before
+
+
+def test_a_model_compiled_whole_traces_the_vectorized_forward():
+    """torch.compile of a model holding compiled BatchNorm layers: dynamo traces the layer's
+    forward into the model's graph (it cannot trace the one-call route's autograd.Function),
+    with the same numbers and the running statistics updated."""
+    torch.manual_seed(0)
+    ours, ref = pair(cm.CompiledBatchNorm2d, nn.BatchNorm2d, 3)
+    model = torch.compile(nn.Sequential(ours, nn.ReLU()))
+    x = torch.randn(4, 3, 5, 5)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    y, y_ref = model(xs[0]), nn.Sequential(ref, nn.ReLU())(xs[1])
+    torch.testing.assert_close(y, y_ref)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+    assert_same_state(ours, ref)
