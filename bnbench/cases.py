@@ -553,6 +553,12 @@ def _round_two_cases() -> list[Case]:
             dict(momentum=None, batch_sizes=(2, 9, 3, 6, 4, 5)),
         ),
         (
+            "counter_set_to_none",
+            "num_batches_tracked set to None on a tracking module: the running statistics "
+            "still move by the momentum (not at all under momentum=None, nn's factor 0.0)",
+            dict(actions=((1, "counter_none"), (3, "momentum=None"))),
+        ),
+        (
             "buffers_set_to_none",
             "running buffers set to None on a tracking module (test-time "
             "adaptation): batch statistics in eval too",
@@ -691,6 +697,7 @@ _LIFECYCLE = {
     "varying_batch",
     "momentum_none_varying_batch",
     "buffers_set_to_none",
+    "counter_set_to_none",
     "legacy_state_dict",
     "two_instances",
     "inference_cache",

@@ -241,6 +241,9 @@ def _apply_action(impl, case, module, ref, action: str, step: int) -> None:
                 if state[key] is not None:
                     state[key].mul_(1.5).add_(0.25)
                     setattr(ref, key, getattr(ref, key) * 1.5 + 0.25)
+    elif name == "counter_none":
+        setattr(module, "num_batches_tracked", None)  # noqa: B010 (nn.Module attribute)
+        ref.num_batches_tracked = None
     elif name == "buffers_none":
         setattr(module, "running_mean", None)  # noqa: B010 (nn.Module attribute)
         setattr(module, "running_var", None)  # noqa: B010 (nn.Module attribute)

@@ -95,7 +95,8 @@ class ReferenceBatchNorm:
 
     def _update(self, mean: torch.Tensor, biased_var: torch.Tensor, n: int) -> None:
         if self.momentum is None:
-            factor = 1.0 / self.num_batches_tracked
+            # the cumulative average; with no counter, nn's factor is 0.0 (nothing moves)
+            factor = 0.0 if self.num_batches_tracked is None else 1.0 / self.num_batches_tracked
         else:
             factor = self.momentum
         unbiased = biased_var * n / (n - 1)  # n > 1: training with one value raised earlier

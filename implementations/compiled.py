@@ -364,6 +364,8 @@ class CompiledBatchNorm(VectorizedBatchNorm):
         tracked = None
         if self.track_running_stats:
             tracked = _member(self, "_buffers", "num_batches_tracked")
+            if tracked is None and (running_mean is not None or running_var is not None):
+                return super().forward(x)  # no counter, yet statistics to update
         momentum = None
         if tracked is None:
             running_mean = running_var = None

@@ -253,15 +253,15 @@ class VectorizedBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() not in self._expected_dims:
             raise ValueError(f"expected {self._expected_text} input (got {x.dim()}D input)")
-        factor = 0.0
-        updating = (
-            self.training and self.track_running_stats and (self.num_batches_tracked is not None)
-        )
-        if updating:
+        # As nn.BatchNorm: a tracking module in training updates its running statistics by the
+        # momentum, or by 1 / num_batches_tracked under momentum=None; a counter set to None
+        # counts nothing, and then momentum=None moves nothing (factor 0.0).
+        factor = 0.0 if self.momentum is None else self.momentum
+        updating = self.training and self.track_running_stats
+        if updating and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-            factor = (
-                1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            )
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         if use_batch_stats:
             check_batch_size(x)

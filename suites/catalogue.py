@@ -108,12 +108,12 @@ class PlainBatchNorm(nn.Module):
         return self.track_running_stats
 
     def momentum_factor(self, training):
+        factor = 0.0 if self.momentum is None else self.momentum
         if training and self.tracking() and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 return 1.0 / float(self.num_batches_tracked)
-            return self.momentum
-        return 0.0
+        return factor
 
     def uses_batch_stats(self, training):
         return training or (self.running_mean is None and self.running_var is None)
@@ -805,6 +805,21 @@ class NoneBuffersNotBatchStats(PlainBatchNorm):
 
     def uses_batch_stats(self, training):
         return training or not self.track_running_stats
+
+
+@catches("counter_set_to_none-rank4", r"step 1 \(train\): running_mean")
+class NoCounterNoUpdate(PlainBatchNorm):
+    """The momentum is applied only while num_batches_tracked exists: a tracking module whose
+    counter was set to None stops updating its running statistics (nn.BatchNorm still moves
+    them by the momentum)."""
+
+    def momentum_factor(self, training):
+        if training and self.tracking() and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                return 1.0 / float(self.num_batches_tracked)
+            return self.momentum
+        return 0.0
 
 
 @catches("legacy_state_dict-rank4", r"load_state_dict\(legacy state_dict\): RuntimeError")
