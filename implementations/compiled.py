@@ -50,6 +50,7 @@ import functools
 import torch
 
 from bnbench.implementations.vectorized import (
+    _CHANNELS_LAST,
     VectorizedBatchNorm,
     _compute_dtype,
     _dims,
@@ -162,12 +163,6 @@ def _scalar(value: float, device: torch.device) -> torch.Tensor:
     return scalar
 
 
-_CHANNELS_LAST = {
-    4: ((0, 2, 3, 1), (0, 3, 1, 2)),
-    5: ((0, 2, 3, 4, 1), (0, 4, 1, 2, 3)),
-}
-
-
 def _alias(x: torch.Tensor, *shape) -> torch.Tensor:
     # A view of x that is not an autograd view (no ._base): torch.compile would otherwise guard
     # on the base tensor and recompile for every rank, and a custom Function may not return a
@@ -182,7 +177,7 @@ def _canonical(x: torch.Tensor):
         return x.detach(), None
     channels_last = _CHANNELS_LAST.get(x.dim())
     if channels_last is not None and not x.is_contiguous():
-        perm, inverse = channels_last
+        _, perm, inverse = channels_last
         permuted = x.permute(perm)
         if permuted.is_contiguous():  # x is channels_last / channels_last_3d
             return _alias(permuted, -1, x.shape[1]), (permuted.shape, inverse)
@@ -199,7 +194,7 @@ def _restore(y: torch.Tensor, layout) -> torch.Tensor:
 def _grad_canonical(grad: torch.Tensor, layout, canonical_shape, alias=True) -> torch.Tensor:
     """``grad`` (shaped as the input, any layout) as a contiguous canonical tensor."""
     if layout is not None and layout[1] is not None:  # channels last: (N, *spatial, C) rows
-        grad = grad.permute(_CHANNELS_LAST[grad.dim()][0])
+        grad = grad.permute(_CHANNELS_LAST[grad.dim()][1])
     grad = grad.contiguous()
     return _alias(grad, *canonical_shape) if alias else grad.view(canonical_shape)
 
@@ -343,6 +338,13 @@ class CompiledBatchNorm(VectorizedBatchNorm):
             return super().forward(x)
         running_mean = _member(self, "_buffers", "running_mean")
         running_var = _member(self, "_buffers", "running_var")
+        # both running statistics present, of this channel count, on this device
+        running_fit = (
+            running_mean is not None
+            and running_var is not None
+            and _fits(running_mean, channels, device)
+            and _fits(running_var, channels, device)
+        )
         grad = torch.is_grad_enabled() and (
             x.requires_grad
             or (weight is not None and weight.requires_grad)
@@ -352,10 +354,7 @@ class CompiledBatchNorm(VectorizedBatchNorm):
             if (
                 grad
                 or not eps >= 0.0  # raises (or NaN)
-                or running_mean is None
-                or running_var is None
-                or not _fits(running_mean, channels, device)
-                or not _fits(running_var, channels, device)
+                or not running_fit
             ):
                 return super().forward(x)
             return _eval_forward(x, running_mean, running_var, weight, bias, _scalar(eps, device))
@@ -371,13 +370,7 @@ class CompiledBatchNorm(VectorizedBatchNorm):
             running_mean = running_var = None
         elif running_mean is not None or running_var is not None:
             momentum = self.momentum
-            if (
-                running_mean is None
-                or running_var is None
-                or not _fits(running_mean, channels, device)
-                or not _fits(running_var, channels, device)
-                or type(momentum) not in (float, int, type(None))
-            ):
+            if not running_fit or type(momentum) not in (float, int, type(None)):
                 return super().forward(x)
             momentum = None if momentum is None else _scalar(momentum, device)
         state = (running_mean, running_var, tracked, _scalar(eps, device), momentum, eps)

@@ -814,12 +814,9 @@ class NoCounterNoUpdate(PlainBatchNorm):
     them by the momentum)."""
 
     def momentum_factor(self, training):
-        if training and self.tracking() and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                return 1.0 / float(self.num_batches_tracked)
-            return self.momentum
-        return 0.0
+        if self.num_batches_tracked is None:
+            return 0.0
+        return super().momentum_factor(training)
 
 
 @catches("legacy_state_dict-rank4", r"load_state_dict\(legacy state_dict\): RuntimeError")
